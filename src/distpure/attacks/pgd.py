@@ -1,0 +1,119 @@
+"""Projected gradient descent under L∞ or L2, with expectation over transformation (EOT).
+
+The model may be stochastic (a purification defence): each step averages the loss gradient over
+``eot`` forward passes, and the iterate with the highest mean loss so far is kept per sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PGDConfig:
+    """``step_size=None`` means 2.5 ε / steps (Madry et al.)."""
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = 8 / 255
+    steps: int = 20
+    step_size: float | None = None
+    eot: int = 1
+    loss: Literal["ce", "margin"] = "ce"
+    random_start: bool = True
+    keep_best: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+        if self.eps < 0 or self.steps < 0 or self.eot < 1:
+            raise ValueError("eps and steps must be non-negative and eot at least 1")
+
+    @property
+    def alpha(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.eps / max(1, self.steps)
+
+
+def attack_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample loss the attacker maximises: cross-entropy, or the CW margin max_{j≠y} z_j - z_y."""
+    logits = logits.float()
+    if kind == "ce":
+        return F.cross_entropy(logits, labels, reduction="none")
+    if kind == "margin":
+        true = logits.gather(1, labels[:, None]).squeeze(1)
+        others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+        return others - true
+    raise ValueError(f"unknown attack loss {kind!r}; expected 'ce' or 'margin'")
+
+
+def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+        config: PGDConfig | None = None) -> torch.Tensor:
+    """Adversarial examples within the ε-ball of ``images`` (clipped to [0, 1])."""
+    config = config or PGDConfig()
+    generator = torch.Generator().manual_seed(config.seed)
+    delta = _random_start(images, config, generator) if config.random_start else torch.zeros_like(images)
+    best = (images + delta).detach()
+    best_loss = torch.full((len(images),), float("-inf"), device=images.device)
+    for _ in range(config.steps):
+        loss, gradient = _expected_loss_and_gradient(model, images + delta, labels, config)
+        if config.keep_best:
+            improved = loss > best_loss
+            best[improved] = (images + delta).detach()[improved]
+            best_loss = torch.where(improved, loss, best_loss)
+        delta = _project(delta + config.alpha * _ascent_direction(gradient, config.norm), images, config)
+    final = (images + delta).detach()
+    if not config.keep_best or config.steps == 0:
+        return final
+    final_loss, _ = _expected_loss_and_gradient(model, final, labels, config, need_gradient=False)
+    improved = final_loss > best_loss
+    best[improved] = final[improved]
+    return best
+
+
+def _expected_loss_and_gradient(model, x, labels, config, need_gradient=True):
+    """Mean loss and mean input gradient over ``eot`` stochastic forward passes."""
+    x = x.detach().requires_grad_(need_gradient)
+    total_loss = torch.zeros(len(x), device=x.device)
+    total_gradient = torch.zeros_like(x)
+    for _ in range(config.eot):
+        with torch.set_grad_enabled(need_gradient):
+            loss = attack_loss(model(x), labels, config.loss)
+        if need_gradient:
+            total_gradient += torch.autograd.grad(loss.sum(), x)[0]
+        total_loss += loss.detach()
+    return total_loss / config.eot, total_gradient / config.eot
+
+
+def _ascent_direction(gradient: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return gradient.sign()
+    flat_norm = gradient.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return gradient / flat_norm.view(-1, *[1] * (gradient.ndim - 1))
+
+
+def _project(delta: torch.Tensor, images: torch.Tensor, config: PGDConfig) -> torch.Tensor:
+    """Back into the ε-ball and the [0, 1] box."""
+    if config.norm == "linf":
+        delta = delta.clamp(-config.eps, config.eps)
+    else:
+        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+        factor = (config.eps / norms).clamp(max=1.0)
+        delta = delta * factor.view(-1, *[1] * (delta.ndim - 1))
+    return ((images + delta).clamp(0.0, 1.0) - images).detach()
+
+
+def _random_start(images: torch.Tensor, config: PGDConfig, generator: torch.Generator) -> torch.Tensor:
+    noise = torch.rand(images.shape, generator=generator).to(images.device) * 2 - 1
+    if config.norm == "linf":
+        delta = noise * config.eps
+    else:
+        direction = torch.randn(images.shape, generator=generator).to(images.device)
+        norms = direction.flatten(1).norm(dim=1).view(-1, *[1] * (images.ndim - 1))
+        radius = torch.rand(len(images), generator=generator).to(images.device)
+        radius = radius.view(-1, *[1] * (images.ndim - 1))
+        delta = direction / norms * radius * config.eps
+    return _project(delta, images, config)

@@ -1,0 +1,1 @@
+"""The ``distpure`` command line."""

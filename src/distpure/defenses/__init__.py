@@ -1,0 +1,1 @@
+"""Defences: diffusion purification, its guidance, and baselines, all [0, 1] images in and out."""

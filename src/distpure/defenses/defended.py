@@ -1,0 +1,30 @@
+"""A victim behind a purifier, as one module from [0, 1] images to logits."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .purifier import Purifier
+
+
+class DefendedClassifier(nn.Module):
+    """``victim(purifier(x))``; with ``votes > 1`` the class probabilities of several
+    independent purifications are averaged and returned as log-probabilities (valid logits)."""
+
+    def __init__(self, victim: nn.Module, purifier: nn.Module | None, votes: int = 1) -> None:
+        super().__init__()
+        if votes < 1:
+            raise ValueError(f"votes must be at least 1, got {votes}")
+        self.victim = victim
+        self.purifier = purifier
+        self.votes = votes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.purifier is None:
+            return self.victim(images)
+        if self.votes == 1:
+            return self.victim(self.purifier(images))
+        probabilities = torch.stack([F.softmax(self.victim(self.purifier(images)).float(), dim=1)
+                                     for _ in range(self.votes)]).mean(0)
+        return probabilities.clamp_min(1e-12).log()

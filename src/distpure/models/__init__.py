@@ -1,0 +1,1 @@
+"""Models: victim classifiers and diffusion backbones, each addressed by name or path."""

@@ -1,0 +1,145 @@
+"""Diffusion backbones: a diffusers ``UNet2DModel`` together with its noise schedule.
+
+``load_diffusion`` takes a registry name (the embedded default is ``cifar10-ddpm-small``), a
+local diffusers directory (layout of ``google/ddpm-cifar10-32``), or a hub id for online users.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from torch import nn
+
+from ..registry import Registry
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DIFFUSION_MODELS: Registry["DiffusionModel"] = Registry("diffusion model")
+
+
+class DiffusionModel(nn.Module):
+    """A noise-prediction UNet and the discrete forward schedule it was trained with.
+
+    Outputs with twice the input channels carry ADM's learned variance in the second half.
+    """
+
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler) -> None:
+        super().__init__()
+        self.unet = unet
+        self.scheduler = scheduler
+        alphas_cumprod = scheduler.alphas_cumprod.detach().clone().float()
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def sample_size(self) -> int:
+        size = self.unet.config.sample_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def learned_variance(self) -> bool:
+        return int(self.unet.config.out_channels) == 2 * self.image_channels
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Raw UNet output for noisy images in [-1, 1] at integer timesteps ``t`` (shape N)."""
+        return self.unet(x_t, t).sample
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The ε prediction (first ``image_channels`` output channels)."""
+        return self(x_t, t)[:, : self.image_channels]
+
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write a diffusers layout: ``config.json``, safetensors weights, ``scheduler_config.json``."""
+        directory = Path(directory)
+        unet = self.unet if dtype is None else _copy_as(self.unet, dtype)
+        unet.save_pretrained(directory, safe_serialization=True)
+        self.scheduler.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "DiffusionModel":
+        """Load a diffusers directory (weights in safetensors, upcast to float32)."""
+        directory = Path(directory)
+        unet_dir = directory / "unet" if (directory / "unet" / "config.json").is_file() else directory
+        scheduler_dir = (directory / "scheduler"
+                         if (directory / "scheduler" / "scheduler_config.json").is_file() else directory)
+        unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32, use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
+        return cls(unet.float().eval(), scheduler)
+
+
+def _copy_as(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module).to(dtype)
+
+
+def default_scheduler() -> DDPMScheduler:
+    """The linear 1000-step schedule of Ho et al. (identical to google/ddpm-cifar10-32)."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                         beta_schedule="linear", clip_sample=True, variance_type="fixed_large")
+
+
+def small_unet(sample_size: int = 32, channels: tuple[int, ...] = (64, 128, 256),
+               layers_per_block: int = 1, attention: bool = False) -> UNet2DModel:
+    """A compact convolutional UNet for 32 x 32 images (the embedded default's architecture)."""
+    levels = len(channels)
+    down = ["DownBlock2D"] * levels
+    up = ["UpBlock2D"] * levels
+    if attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3,
+                       block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+                       down_block_types=tuple(down), up_block_types=tuple(up),
+                       add_attention=attention)
+
+
+@DIFFUSION_MODELS.register("cifar10-ddpm-small")
+def cifar10_ddpm_small() -> DiffusionModel:
+    """The embedded default: a 10 M-parameter DDPM trained by ``distpure train-diffusion``."""
+    directory = WEIGHTS_DIR / "cifar10-ddpm-small"
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"the embedded diffusion model is missing from {directory}; "
+                                "reinstall distpure or train one with `distpure train-diffusion`")
+    return DiffusionModel.from_pretrained(directory)
+
+
+def load_diffusion(name_or_path: str | Path) -> DiffusionModel:
+    """A diffusion model by registry name, local directory / checkpoint file, or hub id."""
+    name = str(name_or_path)
+    if name in DIFFUSION_MODELS:
+        return DIFFUSION_MODELS.build(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return DiffusionModel.from_pretrained(path)
+    if path.is_file() and path.suffix == ".pt":
+        from .adm import load_adm_checkpoint
+
+        return load_adm_checkpoint(path)
+    if path.exists():
+        raise ValueError(f"{path}: expected a diffusers directory or a guided-diffusion .pt file")
+    return _from_hub(name)
+
+
+def _from_hub(repo_id: str) -> DiffusionModel:
+    """Download a diffusers repository (e.g. ``google/ddpm-cifar10-32``) and load it."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a registered model ({', '.join(DIFFUSION_MODELS.names())}), "
+            "an existing local path, nor a hub id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        directory = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as error:  # network and hub errors come in many types
+        raise FileNotFoundError(
+            f"could not download {repo_id!r} from the model hub ({type(error).__name__}). "
+            f"If you are offline, download it elsewhere and pass the local directory instead, "
+            f"e.g. load_diffusion('/path/to/{repo_id.split('/')[-1]}')") from error
+    return DiffusionModel.from_pretrained(directory)

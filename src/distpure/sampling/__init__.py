@@ -1,0 +1,1 @@
+"""Noise schedules and reverse-diffusion steps: pure tensor maths, differentiable, explicit noise."""

@@ -1,0 +1,1 @@
+"""Training loops that survive interruption: diffusion backbones and (adversarially) robust victims."""
