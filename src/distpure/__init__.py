@@ -1,2 +1,20 @@
-"""distpure: diffusion-based adversarial purification guided by the protected classifier."""
+"""distpure: diffusion-based adversarial purification guided by the protected classifier.
+
+The defence of "Adversarial defense based on distribution transfer" (arXiv 2311.13841): diffuse
+the input to t*, reverse the diffusion guided by the protected (victim) classifier, classify.
+"""
+from .data import LabelledImages, load_cifar10, load_dataset, load_image_folder, load_imagenet30
+from .defenses.defended import DefendedClassifier
+from .defenses.guidance import CombinedGuidance, Guidance, MSEGuidance, VictimGuidance, build_guidance
+from .defenses.purifier import Purifier, PurifierConfig
+from .defenses.recommended import load_defense
+from .models.classifiers import load_classifier
+from .models.diffusion import DiffusionModel, load_diffusion
+
 __version__ = "0.1.0"
+__all__ = [
+    "CombinedGuidance", "DefendedClassifier", "DiffusionModel", "Guidance", "LabelledImages",
+    "MSEGuidance", "Purifier", "PurifierConfig", "VictimGuidance", "build_guidance",
+    "load_classifier", "load_cifar10", "load_dataset", "load_defense", "load_diffusion",
+    "load_image_folder", "load_imagenet30",
+]

@@ -18,28 +18,117 @@ def command(name: str, help_text: str, arguments: Callable[[argparse.ArgumentPar
     return decorate
 
 
+def _overrides_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override settings, e.g. --set steps=2000 data.limit=64")
+
+
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with the settings")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override settings, e.g. --set steps=2000 max_minutes=90")
+    _overrides_argument(parser)
 
 
-def _load_config(cls, args: argparse.Namespace, **defaults):
+def _load_config(cls, args: argparse.Namespace):
     values = load_yaml(args.config) if args.config else {}
-    return from_dict(cls, merge(merge(defaults, values), parse_overrides(args.set)))
+    return from_dict(cls, merge(values, parse_overrides(args.set)))
 
 
 @command("train-diffusion", "train the small CIFAR-10 DDPM (resumable)", _config_arguments)
 def _train_diffusion(args: argparse.Namespace) -> int:
     from ..training.diffusion import DiffusionTrainingConfig, train_diffusion
 
-    config = _load_config(DiffusionTrainingConfig, args)
-    print(f"exported EMA model to {train_diffusion(config)}")
+    print(f"exported EMA model to {train_diffusion(_load_config(DiffusionTrainingConfig, args))}")
+    return 0
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, default=256, help="number of CIFAR-10 test images")
+    parser.add_argument("--out", default="runs/demo", help="run directory (resumable)")
+
+
+@command("demo", "clean and transfer-PGD accuracy: no defence, DiffPure, victim-guided",
+         _demo_arguments)
+def _demo(args: argparse.Namespace) -> int:
+    from ..evaluation.demo import demo_experiment
+
+    return _run_and_print(demo_experiment(args.limit), args.out)
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML (see configs/)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images of the subset")
+    parser.add_argument("--out", help="run directory (default: runs/<experiment name>)")
+    _overrides_argument(parser)
+
+
+@command("evaluate", "run an experiment config; resumable; torchrun-shardable", _evaluate_arguments)
+def _evaluate(args: argparse.Namespace) -> int:
+    from ..evaluation.config import load_experiment
+
+    overrides = parse_overrides(args.set)
+    if args.limit is not None:
+        overrides = merge(overrides, {"data": {"limit": args.limit}})
+    config = load_experiment(args.config, overrides)
+    return _run_and_print(config, args.out or f"runs/{config.name}")
+
+
+def _run_and_print(config, out: str) -> int:
+    from ..evaluation.runner import run_experiment
+    from ..evaluation.summary import format_table
+
+    summary = run_experiment(config, out)
+    if summary:
+        print(format_table(summary))
+        print(f"\nrun directory: {out}  (distpure report {out} writes report.md)")
+    return 0
+
+
+def _purify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input_dir", help="folder of image files")
+    parser.add_argument("output_dir", help="where purified PNGs go (same names)")
+    parser.add_argument("--dataset", default="cifar10", help="which recommended defence to use")
+    parser.add_argument("--guidance", default="victim", help="victim, none, mse or victim+mse")
+    parser.add_argument("--resize", action="store_true",
+                        help="resize and center-crop images to the model's size instead of refusing them")
+    parser.add_argument("--device", default="auto")
+    _overrides_argument(parser)
+
+
+@command("purify", "purify a folder of images into PNGs", _purify_arguments)
+def _purify(args: argparse.Namespace) -> int:
+    from ..defenses.recommended import load_defense
+    from ..io import purify_folder
+
+    defense = load_defense(args.dataset, args.guidance, device=args.device, **parse_overrides(args.set))
+    report = purify_folder(defense.purifier, args.input_dir, args.output_dir, resize=args.resize)
+    print(f"purified {report.written} image(s) into {args.output_dir}")
+    for path, reason in report.failed:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 1 if report.failed or not report.written else 0
+
+
+def _convert_adm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="guided-diffusion checkpoint (.pt or .safetensors)")
+    parser.add_argument("out_dir", help="directory to write the diffusers model to")
+    parser.add_argument("--config", metavar="FLAGS_JSON",
+                        help='guided-diffusion flags, {"flags": {...}} or the flags object '
+                             "(default: <stem>_config.json or config.json beside the checkpoint, "
+                             "else the 256x256 unconditional model's flags)")
+
+
+@command("convert-adm", "convert a guided-diffusion (ADM) checkpoint to a diffusers directory",
+         _convert_adm_arguments)
+def _convert_adm(args: argparse.Namespace) -> int:
+    from ..models.adm import convert_adm, read_flags
+
+    flags = read_flags(args.config) if args.config else None
+    print(f"wrote {convert_adm(args.checkpoint, args.out_dir, flags)}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distpure", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="distpure", description="Diffusion purification guided by the protected classifier.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, arguments, _) in COMMANDS.items():
         arguments(subparsers.add_parser(name, help=help_text, description=help_text))
@@ -49,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _, _, run = COMMANDS[args.command]
-    return int(run(args) or 0)
+    try:
+        return int(run(args) or 0)
+    except (ValueError, KeyError, FileNotFoundError, ImportError) as error:
+        print(f"distpure {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

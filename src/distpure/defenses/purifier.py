@@ -6,7 +6,7 @@ processes fit in memory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -59,6 +59,8 @@ class Purifier(nn.Module):
         super().__init__()
         self.config = config or PurifierConfig()
         self.diffusion = diffusion.eval().requires_grad_(False)
+        self.guidance_victim = victim
+        self._custom_guidance = guidance is not None
         self.guidance = guidance if guidance is not None else build_guidance(
             self.config.guidance, victim, victim_scale=self.config.victim_scale,
             mse_scale=self.config.mse_scale, schedule=self.config.schedule,
@@ -66,6 +68,12 @@ class Purifier(nn.Module):
         self.t_star = resolve_t_star(self.config.t_star, diffusion.num_train_timesteps)
         self.timesteps = reverse_timesteps(self.t_star, self.config.num_steps)
         self._generator = torch.Generator().manual_seed(self.config.seed)
+
+    def variant(self, **overrides) -> "Purifier":
+        """The same defence with some settings changed (e.g. checkpointing for an attack, frozen
+        noise, fewer steps for a surrogate); shares the diffusion model and the victim."""
+        guidance = self.guidance if self._custom_guidance else None
+        return Purifier(self.diffusion, replace(self.config, **overrides), self.guidance_victim, guidance)
 
     def reseed(self, seed: int) -> None:
         """Restart the noise stream: purifications after this are reproducible from ``seed``."""

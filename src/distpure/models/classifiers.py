@@ -5,19 +5,21 @@ Normalisation always lives inside the module, so attacks and purifiers see one i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..registry import Registry
 from .weights import load_state_dict
+from .wide_resnet import WideResNet
 
 CLASSIFIERS: Registry[nn.Module] = Registry("classifier")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TIMM_PREFIX = "timm:"
 
 
 class Normalized(nn.Module):
@@ -61,23 +63,108 @@ def cifar10_resnet18(weights: str | Path | None = None) -> nn.Module:
     return network
 
 
+def _with_weights(build: Callable[[bool], nn.Module], weights: str | Path | None,
+                  name: str) -> nn.Module:
+    """``build(False)`` with local ``weights`` loaded, else ``build(True)`` (a pretrained download)."""
+    if weights is not None:
+        network = build(False)
+        network.load_state_dict(load_state_dict(weights))
+        return network
+    try:
+        return build(True)
+    except OSError as error:
+        raise RuntimeError(f"could not download pretrained weights for {name!r} ({error}); pass a "
+                           f"local weights file: load_classifier({name!r}, weights=<path>)") from error
+
+
+def _torchvision_imagenet(model_name: str, weights: str | Path | None) -> nn.Module:
+    """A torchvision ImageNet-1k model taking [0, 1] images."""
+    from torchvision.models import get_model
+
+    def build(pretrained: bool) -> nn.Module:
+        return get_model(model_name, weights="DEFAULT" if pretrained else None)
+
+    return Normalized(_with_weights(build, weights, model_name), IMAGENET_MEAN, IMAGENET_STD)
+
+
+@CLASSIFIERS.register("imagenet-resnet50")
+def imagenet_resnet50(weights: str | Path | None = None) -> nn.Module:
+    """torchvision's ImageNet-1k ResNet-50 (local weights, else its pretrained download)."""
+    return _torchvision_imagenet("resnet50", weights)
+
+
+@CLASSIFIERS.register("imagenet-wide-resnet50-2")
+def imagenet_wide_resnet50_2(weights: str | Path | None = None) -> nn.Module:
+    """torchvision's ImageNet-1k Wide ResNet-50-2 (local weights, else its pretrained download)."""
+    return _torchvision_imagenet("wide_resnet50_2", weights)
+
+
+@CLASSIFIERS.register("imagenet30-resnet50")
+def imagenet30_resnet50(weights: str | Path | None = None) -> nn.Module:
+    """ImageNet-1k ResNet-50 (``weights`` as for imagenet-resnet50) restricted to ImageNet-30."""
+    from .imagenet30 import imagenet30_classifier
+
+    return imagenet30_classifier(imagenet_resnet50(weights))
+
+
+@CLASSIFIERS.register("robustbench-wrn-28-10")
+def robustbench_wrn_28_10(weights: str | Path | None = None) -> nn.Module:
+    """RobustBench's CIFAR-10 WideResNet-28-10 (Standard, Carmon2019Unlabeled, ...) from its ``.pt``."""
+    if weights is None:
+        raise ValueError("robustbench-wrn-28-10 needs a local RobustBench checkpoint: "
+                         "load_classifier('robustbench-wrn-28-10', weights=<path to .pt>)")
+    state = load_state_dict(weights)
+    network = WideResNet(28, 10, sub_block1=any(key.startswith("sub_block1.") for key in state))
+    network.load_state_dict(state)
+    return network
+
+
+def timm_classifier(model_name: str, weights: str | Path | None = None) -> nn.Module:
+    """A timm model taking [0, 1] images, normalised with its pretrained_cfg mean and std."""
+    try:
+        import timm
+    except ImportError as error:
+        raise ImportError(f"{TIMM_PREFIX}{model_name} needs timm: pip install timm "
+                          "(or pip install 'distpure[zoo]')") from error
+    network = _with_weights(lambda pretrained: timm.create_model(model_name, pretrained=pretrained),
+                            weights, f"{TIMM_PREFIX}{model_name}")
+    return Normalized(network, network.pretrained_cfg["mean"], network.pretrained_cfg["std"])
+
+
+def _is_classifier_name(name: str) -> bool:
+    """Whether ``name`` is a registered classifier or a ``timm:`` model name."""
+    return name in CLASSIFIERS or name.startswith(TIMM_PREFIX)
+
+
+def _build(name: str, weights: str | Path | None) -> nn.Module:
+    """The classifier called ``name``, with local ``weights`` if given."""
+    if name.startswith(TIMM_PREFIX):
+        return timm_classifier(name[len(TIMM_PREFIX):], weights)
+    return CLASSIFIERS.build(name, weights=weights)
+
+
 def load_classifier(name_or_path: str | Path, arch: str | None = None,
-                    num_classes: int | None = None, device: str | torch.device = "cpu") -> nn.Module:
+                    num_classes: int | None = None, device: str | torch.device = "cpu",
+                    weights: str | Path | None = None) -> nn.Module:
     """A victim in eval mode with frozen weights, from a registry name or a weights file.
 
-    ``load_classifier("cifar10-resnet18")`` uses the registered weights;
-    ``load_classifier("model.safetensors", arch="cifar10-resnet18")`` loads local weights into a
-    registered architecture.
+    Names are the registered ones or ``timm:<timm model name>``.
+    ``load_classifier("cifar10-resnet18")`` uses the default weights (bundled, or the library's
+    pretrained download); ``load_classifier("robustbench-wrn-28-10", weights="model.pt")`` and
+    ``load_classifier("model.safetensors", arch="timm:resnet18")`` load local weights into an
+    architecture.
     """
     name = str(name_or_path)
-    if name in CLASSIFIERS:
-        model = CLASSIFIERS.build(name)
+    if _is_classifier_name(name):
+        model = _build(name, weights)
     elif arch is not None:
-        model = CLASSIFIERS.build(arch, weights=Path(name))
+        model = _build(arch, Path(name))
     elif Path(name).exists():
-        raise ValueError(f"{name}: a weights file needs arch=<one of {', '.join(CLASSIFIERS.names())}>")
+        raise ValueError(f"{name}: a weights file needs arch=<one of {', '.join(CLASSIFIERS.names())}, "
+                         f"or {TIMM_PREFIX}<model>>")
     else:
-        raise KeyError(f"unknown classifier {name!r}; known: {', '.join(CLASSIFIERS.names())}")
+        raise KeyError(f"unknown classifier {name!r}; known: {', '.join(CLASSIFIERS.names())}, "
+                       f"{TIMM_PREFIX}<model>")
     model = model.to(device).eval().requires_grad_(False)
     _check_num_classes(model, num_classes, name)
     return model

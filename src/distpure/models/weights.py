@@ -64,3 +64,11 @@ def save_state_dict(module: torch.nn.Module, path: str | Path, dtype: torch.dtyp
              .detach().contiguous().cpu() for key, value in module.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Save named tensors (e.g. example images) as safetensors."""
+    from safetensors.torch import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.detach().cpu().clone().contiguous() for key, value in tensors.items()}, str(path))

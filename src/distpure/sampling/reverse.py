@@ -25,6 +25,11 @@ class StepCoefficients:
         return 1.0 - self.alpha_bar / self.alpha_bar_prev
 
     @property
+    def is_final(self) -> bool:
+        """The step that lands on the clean image (no noise is added)."""
+        return bool(self.alpha_bar_prev == 1.0)
+
+    @property
     def posterior_variance(self) -> torch.Tensor:
         return self.beta * (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar)
 
@@ -62,6 +67,8 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, c: StepCoefficients, nois
     x0 = predict_x0(x_t, eps, c.alpha_bar, clip)
     if variance_output is not None:
         mean = posterior_mean(x_t, x0, c)
+        if c.is_final:
+            return mean
         return mean + torch.exp(0.5 * learned_log_variance(variance_output, c)) * noise
     eps_for_direction = (x_t - c.alpha_bar.sqrt() * x0) / (1.0 - c.alpha_bar).sqrt() if clip else eps
     sigma = eta * c.posterior_variance.clamp(min=0.0).sqrt()

@@ -1,0 +1,1 @@
+"""Evaluation: experiment configs, the resumable runner, statistics and run metadata."""

@@ -1,0 +1,53 @@
+"""What a run records about itself: config, seed, code version, packages, device, wall time."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("distpure", "torch", "torchvision", "diffusers", "safetensors", "pyautoattack", "numpy")
+
+
+def git_commit() -> str | None:
+    """The commit of the distpure checkout, if it is one."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def environment(device: torch.device) -> dict:
+    return {"git_commit": git_commit(), "packages": package_versions(), "python": platform.python_version(),
+            "device": str(device), "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda" else platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads()}
+
+
+class RunClock:
+    """Wall time accumulated over every (resumed) session of a run, kept in ``metadata.json``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        self.previous_seconds = float(previous.get("wall_time_seconds", 0.0))
+        self.started = time.monotonic()
+
+    def seconds(self) -> float:
+        return self.previous_seconds + time.monotonic() - self.started

@@ -1,0 +1,81 @@
+"""The append-only results file: one JSON record per (sample, defence, attack).
+
+Each record is written and flushed as soon as it exists. A run killed mid-write leaves at most
+a torn last line, which ``read_records`` detects and drops (and ``RecordWriter`` truncates), so
+a restarted run recomputes exactly the missing records: nothing lost, nothing duplicated.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+Key = tuple[int, str, str]
+
+
+def record_key(record: dict) -> Key:
+    return (int(record["index"]), str(record["defense"]), str(record["attack"]))
+
+
+def _complete_lines(path: Path) -> Iterator[tuple[bytes, dict]]:
+    """(raw line, record) for each complete, parseable line, stopping at the first torn one."""
+    with open(path, "rb") as handle:
+        for line in handle:
+            if not line.endswith(b"\n"):
+                return
+            try:
+                yield line, json.loads(line)
+            except json.JSONDecodeError:
+                return
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """All complete records of ``path`` (a torn or corrupt trailing line is ignored)."""
+    path = Path(path)
+    return [record for _, record in _complete_lines(path)] if path.is_file() else []
+
+
+class RecordWriter:
+    """Appends records durably; on open, cuts off anything after the last complete record."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_torn_tail()
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+    def _truncate_torn_tail(self) -> None:
+        if not self.path.is_file():
+            return
+        complete = sum(len(line) for line, _ in _complete_lines(self.path))
+        if complete != self.path.stat().st_size:
+            with open(self.path, "r+b") as handle:
+                handle.truncate(complete)
+
+    def write(self, records: Iterable[dict]) -> None:
+        for record in records:
+            self._handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_sorted(records: list[dict], path: str | Path) -> None:
+    """Write ``records`` in canonical order (by sample, defence, attack), atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    ordered = sorted(records, key=record_key)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r, sort_keys=True) + "\n" for r in ordered)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
