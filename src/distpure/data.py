@@ -72,6 +72,12 @@ def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB view of any PIL image: alpha composited on white, 16/32-bit grayscale rescaled."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        gray = np.clip(array / peak * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -110,15 +116,20 @@ def load_image_folder(root: str | Path, n: int | None = None, seed: int = 0,
     """Load a class-per-folder image tree (optionally a seeded subset of n images)."""
     items, classes = list_class_folder(root)
     chosen = [items[i] for i in subset_indices(len(items), n, seed).tolist()]
-    images = torch.stack([read_image(path, size) for path, _ in chosen]) if chosen else torch.empty(0)
-    _check_same_size(images, root)
+    images = _stack_same_size([read_image(path, size) for path, _ in chosen], [p for p, _ in chosen])
     labels = torch.tensor([label for _, label in chosen], dtype=torch.long)
     return LabelledImages(images, labels, classes, tuple(str(p) for p, _ in chosen))
 
 
-def _check_same_size(images: torch.Tensor, root: str | Path) -> None:
-    if images.ndim != 4:
-        raise DataError(f"{root}: images have different sizes; pass size= to resize them")
+def _stack_same_size(images: list[torch.Tensor], paths: list[Path]) -> torch.Tensor:
+    """One N x 3 x H x W tensor, or a DataError naming the first image whose size differs."""
+    if not images:
+        return torch.empty(0, 3, 0, 0)
+    for image, path in zip(images, paths):
+        if image.shape != images[0].shape:
+            raise DataError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but {paths[0]} is "
+                            f"{images[0].shape[2]}x{images[0].shape[1]}; pass size= to resize them")
+    return torch.stack(images)
 
 
 def load_cifar10(root: str | Path, split: str = "test", n: int | None = None,

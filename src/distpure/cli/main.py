@@ -41,6 +41,22 @@ def _train_diffusion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser)
+    parser.add_argument("--adversarial", choices=["none", "pgd"], help="adversarial training or not")
+
+
+@command("train-classifier", "train a CIFAR-10 classifier, PGD adversarially by default (resumable)",
+         _train_classifier_arguments)
+def _train_classifier(args: argparse.Namespace) -> int:
+    from ..training.classifier import ClassifierTrainingConfig, train_classifier
+
+    if args.adversarial:
+        args.set = [*args.set, f"adversarial={args.adversarial}"]
+    print(f"exported weights to {train_classifier(_load_config(ClassifierTrainingConfig, args))}")
+    return 0
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=256, help="number of CIFAR-10 test images")
     parser.add_argument("--out", default="runs/demo", help="run directory (resumable)")
@@ -123,6 +139,65 @@ def _convert_adm(args: argparse.Namespace) -> int:
 
     flags = read_flags(args.config) if args.config else None
     print(f"wrote {convert_adm(args.checkpoint, args.out_dir, flags)}")
+    return 0
+
+
+def _eval_diffusion_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default="cifar10-ddpm-small", help="name or path")
+    parser.add_argument("--data", help="CIFAR-10 root (default: the shared JPEG copy)")
+    parser.add_argument("--limit", type=int, default=1000, help="number of test images")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[50, 100, 150, 200])
+
+
+@command("eval-diffusion", "PSNR of a diffusion model's clean-image estimate at given t",
+         _eval_diffusion_arguments)
+def _eval_diffusion(args: argparse.Namespace) -> int:
+    from ..data import default_data_root, load_cifar10
+    from ..evaluation.denoising import denoising_psnr
+    from ..models.diffusion import load_diffusion
+
+    data = load_cifar10(args.data or default_data_root() / "cifar10-jpeg", "test", n=args.limit)
+    psnr = denoising_psnr(load_diffusion(args.model), data.images, args.timesteps)
+    print(f"PSNR of x0 estimate on {len(data)} test images: " +
+          ", ".join(f"t={t}: {value:.2f} dB" for t, value in psnr.items()))
+    return 0
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory written by distpure evaluate / demo")
+    parser.add_argument("--json", action="store_true",
+                        help="print the recomputed summary as JSON instead of writing the report")
+
+
+@command("report", "write report.md, results.csv and plots for a run directory", _report_arguments)
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from ..reporting.report import summary_json, write_report
+
+    if args.json:
+        print(json.dumps(summary_json(args.run_dir), indent=2))
+    else:
+        print(write_report(args.run_dir))
+    return 0
+
+
+def _bench_adm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="forwards timed per precision (the fastest is kept); each takes tens of seconds")
+
+
+@command("bench-adm", "FLOPs, CPU time (fp32, bf16) and memory of one full 256x256 ADM forward",
+         _bench_adm_arguments)
+def _bench_adm(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from ..benchmarks.adm_cost import format_cost, measure_adm_cost
+
+    cost = measure_adm_cost(repeats=args.repeats)
+    print(json.dumps(asdict(cost), indent=2) if args.json else format_cost(cost))
     return 0
 
 

@@ -31,6 +31,9 @@ class GuidanceState:
 class Guidance(nn.Module):
     """A guidance term: ``log_likelihood`` per sample, times a scale that may vary over t."""
 
+    #: whether ``GuidanceState.noise`` (fresh noise to diffuse the input with) is read
+    uses_target_noise: bool = False
+
     def __init__(self, scale: float = 1.0,
                  schedule: Literal["constant", "linear-up", "linear-down"] = "constant") -> None:
         super().__init__()
@@ -75,7 +78,7 @@ class VictimGuidance(Guidance):
         images = (state.x0_hat + 1.0) / 2.0
         with autocast(images.device, self.precision):
             logits = self.victim(images)
-        log_probs = F.log_softmax(logits.float(), dim=1)
+        log_probs = F.log_softmax(logits.to(images.dtype), dim=1)
         if self.target == "hard":
             chosen = log_probs.detach().argmax(dim=1, keepdim=True)
             return log_probs.gather(1, chosen).squeeze(1)
@@ -88,6 +91,8 @@ class MSEGuidance(Guidance):
     log p = -||x_t - x_t^in||² / (2 (1 - ᾱ_t)), so scale 1 is the Gaussian likelihood of the
     diffused input at that noise level.
     """
+
+    uses_target_noise = True
 
     def __init__(self, scale: float = 0.5, schedule: str = "constant") -> None:
         super().__init__(scale, schedule)
@@ -105,6 +110,7 @@ class CombinedGuidance(Guidance):
     def __init__(self, terms: Sequence[Guidance]) -> None:
         super().__init__()
         self.terms = nn.ModuleList(terms)
+        self.uses_target_noise = any(term.uses_target_noise for term in terms)
 
     def weighted_log_likelihood(self, state: GuidanceState) -> torch.Tensor:
         return sum(term.weighted_log_likelihood(state) for term in self.terms)

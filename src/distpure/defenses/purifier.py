@@ -94,7 +94,7 @@ class Purifier(nn.Module):
         """Draw every noise tensor one purification of a batch of ``shape`` needs (on CPU, so
         that the same seed gives the same noise on any device)."""
         steps = len(self.timesteps)
-        has_targets = self.guidance is not None and "mse" in self.config.guidance
+        has_targets = self.guidance is not None and self.guidance.uses_target_noise
         draw = lambda *dims: torch.randn(*dims, generator=generator)  # noqa: E731
         return PurificationNoise(draw(*shape), draw(steps, *shape),
                                  draw(steps, *shape) if has_targets else torch.zeros(steps, 1, 1, 1, 1))
@@ -150,7 +150,7 @@ class Purifier(nn.Module):
         timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         with autocast(x_t.device, self.config.precision):
             output = self.diffusion(x_t, timestep)
-        output = output.float()
+        output = output.to(x_t.dtype)
         channels = self.diffusion.image_channels
         if self.diffusion.learned_variance:
             return output[:, :channels], output[:, channels:]

@@ -29,10 +29,10 @@ RECOMMENDED: dict[str, dict] = {
 
 
 def recommended_purifier_config(dataset: str, guidance: str = "victim", **overrides) -> PurifierConfig:
-    """The tuned purifier settings for ``dataset`` with the given guidance."""
-    if dataset not in RECOMMENDED:
-        raise KeyError(f"no recommended defence for {dataset!r}; known: {', '.join(RECOMMENDED)}")
-    return replace(RECOMMENDED[dataset]["purifier"], guidance=guidance, **overrides)
+    """The tuned purifier settings for ``dataset`` (``PurifierConfig`` defaults for a dataset
+    without a recommendation, e.g. a plain image folder) with the given guidance."""
+    base = RECOMMENDED[dataset]["purifier"] if dataset in RECOMMENDED else PurifierConfig()
+    return replace(base, guidance=guidance, **overrides)
 
 
 def build_purified_classifier(victim: nn.Module, diffusion: DiffusionModel,
@@ -48,6 +48,8 @@ def load_defense(dataset: str = "cifar10", guidance: str = "victim", device: str
     ``guidance`` is ``victim`` (the paper), ``none`` (DiffPure) or ``mse`` (GDMP); ``overrides``
     change purifier settings, e.g. ``load_defense("cifar10", t_star=75)``.
     """
+    if dataset not in RECOMMENDED:
+        raise KeyError(f"no recommended defence for {dataset!r}; known: {', '.join(RECOMMENDED)}")
     config = recommended_purifier_config(dataset, guidance, **overrides)
     target = resolve_device(device)
     victim = load_classifier(RECOMMENDED[dataset]["victim"], device=target)

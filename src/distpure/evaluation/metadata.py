@@ -51,3 +51,10 @@ class RunClock:
 
     def seconds(self) -> float:
         return self.previous_seconds + time.monotonic() - self.started
+
+    def save(self) -> None:
+        """Record the wall time so far, so that a killed run does not lose it."""
+        previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({**previous, "wall_time_seconds": round(self.seconds(), 1)}, indent=2))
+        tmp.replace(self.path)

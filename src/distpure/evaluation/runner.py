@@ -68,6 +68,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
                                               transfer_cache)
                     writer.write(records)
                 progress.update(1)
+            if shard.is_main:
+                clock.save()
     shard.barrier()
     summary = _finalize(config, run_dir, shard, clock, device) if shard.is_main else {}
     finish(shard)

@@ -24,6 +24,9 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     """The Wilson score interval of a binomial proportion (95 % by default)."""
     if total == 0:
         return (0.0, 1.0)
+    if correct in (0, total):  # closed forms; avoids round-off just inside the bound
+        bound = z * z / (total + z * z)
+        return (0.0, bound) if correct == 0 else (1.0 - bound, 1.0)
     p = correct / total
     denominator = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator

@@ -15,6 +15,7 @@ from .weights import load_state_dict
 from .wide_resnet import WideResNet
 
 CLASSIFIERS: Registry[nn.Module] = Registry("classifier")
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -85,6 +86,23 @@ def _torchvision_imagenet(model_name: str, weights: str | Path | None) -> nn.Mod
         return get_model(model_name, weights="DEFAULT" if pretrained else None)
 
     return Normalized(_with_weights(build, weights, model_name), IMAGENET_MEAN, IMAGENET_STD)
+
+
+@CLASSIFIERS.register("cifar10-small-resnet")
+def cifar10_small_resnet(weights: str | Path | None = None) -> nn.Module:
+    """A 1.2 M-parameter pre-activation ResNet (CIFAR normalisation inside); random if no weights."""
+    from .small_resnet import SmallResNet
+
+    model = Normalized(SmallResNet(), CIFAR10_MEAN, CIFAR10_STD)
+    if weights is not None:
+        model.load_state_dict(load_state_dict(weights))
+    return model
+
+
+@CLASSIFIERS.register("cifar10-small-resnet-at")
+def cifar10_small_resnet_at(weights: str | Path | None = None) -> nn.Module:
+    """The embedded PGD adversarially trained baseline (``distpure train-classifier``)."""
+    return cifar10_small_resnet(weights or WEIGHTS_DIR / "cifar10-small-resnet-at" / "model.safetensors")
 
 
 @CLASSIFIERS.register("imagenet-resnet50")

@@ -1,10 +1,12 @@
 """Diffusion backbones: a diffusers ``UNet2DModel`` together with its noise schedule.
 
 ``load_diffusion`` takes a registry name (the embedded default is ``cifar10-ddpm-small``), a
-local diffusers directory (layout of ``google/ddpm-cifar10-32``), or a hub id for online users.
+local diffusers directory (layout of ``google/ddpm-cifar10-32``), a guided-diffusion (ADM)
+checkpoint file (``.pt`` or ``.safetensors``), or a hub id for online users.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -14,6 +16,8 @@ from torch import nn
 from ..registry import Registry
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+# Single-file guided-diffusion (ADM) checkpoints; flags come from a config JSON beside the file.
+ADM_SUFFIXES = (".pt", ".safetensors")
 DIFFUSION_MODELS: Registry["DiffusionModel"] = Registry("diffusion model")
 
 
@@ -73,7 +77,7 @@ class DiffusionModel(nn.Module):
         unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32, use_safetensors=True,
                                            low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
-        return cls(unet.float().eval(), scheduler)
+        return cls(unet.float(), scheduler).eval()
 
 
 def _copy_as(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -99,7 +103,7 @@ def small_unet(sample_size: int = 32, channels: tuple[int, ...] = (64, 128, 256)
     return UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3,
                        block_out_channels=tuple(channels), layers_per_block=layers_per_block,
                        down_block_types=tuple(down), up_block_types=tuple(up),
-                       add_attention=attention)
+                       add_attention=attention, norm_num_groups=math.gcd(32, *channels))
 
 
 @DIFFUSION_MODELS.register("cifar10-ddpm-small")
@@ -120,12 +124,13 @@ def load_diffusion(name_or_path: str | Path) -> DiffusionModel:
     path = Path(name).expanduser()
     if path.is_dir():
         return DiffusionModel.from_pretrained(path)
-    if path.is_file() and path.suffix == ".pt":
+    if path.is_file() and path.suffix in ADM_SUFFIXES:
         from .adm import load_adm_checkpoint
 
         return load_adm_checkpoint(path)
     if path.exists():
-        raise ValueError(f"{path}: expected a diffusers directory or a guided-diffusion .pt file")
+        raise ValueError(f"{path}: expected a diffusers directory or a guided-diffusion "
+                         ".pt / .safetensors file")
     return _from_hub(name)
 
 

@@ -6,9 +6,15 @@ import torch
 
 def resolve_t_star(t_star: int | float, num_train_timesteps: int) -> int:
     """t* as an integer step of the training schedule; a float in (0, 1) is a fraction of it."""
-    if isinstance(t_star, float) and 0.0 < t_star < 1.0:
-        t_star = round(t_star * num_train_timesteps)
-    t_star = int(t_star)
+    if isinstance(t_star, bool) or not isinstance(t_star, (int, float)):
+        raise TypeError(f"t_star must be an int step or a float fraction, got {t_star!r}")
+    if isinstance(t_star, float):
+        if 0.0 < t_star < 1.0:
+            t_star = round(t_star * num_train_timesteps)
+        elif t_star.is_integer():
+            t_star = int(t_star)
+        else:
+            raise ValueError(f"t_star {t_star} is neither a fraction in (0, 1) nor a whole step")
     if not 1 <= t_star < num_train_timesteps:
         raise ValueError(f"t_star must be in [1, {num_train_timesteps - 1}] "
                          f"(or a fraction in (0, 1)), got {t_star}")

@@ -1,0 +1,1 @@
+"""Benchmarks that print their figures: purification speed, attack cost, model cost."""

@@ -1,0 +1,146 @@
+"""``distpure bench``: the fast purification path against the DiffPure recipe, attack cost, FLOP/s.
+
+Absolute times vary from run to run on a shared machine; the ratios are what to track.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..attacks.pgd import PGDConfig, pgd
+from ..data import default_data_root, load_cifar10
+from ..defenses.defended import DefendedClassifier
+from ..defenses.purifier import Purifier, PurifierConfig
+from ..defenses.recommended import load_defense
+
+
+@dataclass
+class BenchConfig:
+    """Sizes of the benchmark; the defaults are the ones the README reports."""
+
+    throughput_images: int = 128
+    accuracy_images: int = 512
+    reference_batch_size: int = 32
+    fast_batch_size: int = 256
+    seed: int = 0
+
+
+def reference_config(fast: PurifierConfig, batch_size: int) -> PurifierConfig:
+    """The DiffPure recipe: float32, every one of the t* DDPM steps, a small batch."""
+    return replace(fast, precision="fp32", num_steps=None, batch_size=batch_size)
+
+
+def images_per_second(purifier: Purifier, images: torch.Tensor) -> float:
+    """Purification throughput on ``images`` (one warm-up batch first)."""
+    with torch.no_grad():
+        purifier(images[: min(8, len(images))])
+        start = time.perf_counter()
+        purifier(images)
+    return len(images) / (time.perf_counter() - start)
+
+
+def accuracies(defended: DefendedClassifier, images: torch.Tensor, labels: torch.Tensor,
+               adversarial: torch.Tensor) -> dict[str, float]:
+    """Clean and transfer-attack accuracy of ``defended``."""
+    with torch.no_grad():
+        clean = (defended(images).argmax(1) == labels).float().mean().item()
+        robust = (defended(adversarial).argmax(1) == labels).float().mean().item()
+    return {"clean": clean, "transfer_robust": robust}
+
+
+def unet_flops(purifier: Purifier, batch: int) -> int:
+    """FLOPs of one UNet forward pass at ``batch`` (multiply-add = 2 FLOPs)."""
+    size = purifier.diffusion.sample_size
+    x = torch.randn(batch, purifier.diffusion.image_channels, size, size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        purifier.diffusion(x, torch.full((batch,), 100))
+    return counter.get_total_flops()
+
+
+def unet_flops_per_second(purifier: Purifier, batch: int = 128, repeats: int = 3) -> float:
+    """Achieved FLOP/s of the UNet forward under bf16 autocast."""
+    size = purifier.diffusion.sample_size
+    x = torch.randn(batch, purifier.diffusion.image_channels, size, size)
+    t = torch.full((batch,), 100)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        purifier.diffusion(x, t)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            purifier.diffusion(x, t)
+    return unet_flops(purifier, batch) * repeats / (time.perf_counter() - start)
+
+
+def matmul_flops_per_second(size: int = 4096, repeats: int = 5) -> float:
+    """Measured FLOP/s of a large bf16 matrix product: the machine's practical ceiling."""
+    a = torch.randn(size, size, dtype=torch.bfloat16)
+    b = torch.randn(size, size, dtype=torch.bfloat16)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def gradient_step_cost(num_steps: int, checkpointed: bool, batch: int = 8) -> dict[str, float]:
+    """Wall time and peak memory of one exact input gradient through the defence, measured in a
+    fresh subprocess so that peak resident memory belongs to this measurement alone."""
+    code = (f"from distpure.benchmarks.purification import _gradient_step_in_process as g; "
+            f"g({num_steps}, {checkpointed}, {batch})")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, env={**os.environ, "TQDM_DISABLE": "1"}).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _gradient_step_in_process(num_steps: int, checkpointed: bool, batch: int) -> None:
+    defended = load_defense("cifar10", "victim", num_steps=num_steps, checkpoint_steps=checkpointed)
+    images = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(batch, dtype=torch.long)
+    baseline = _resident_bytes()
+    start = time.perf_counter()
+    pgd(defended, images, labels, PGDConfig(steps=1, keep_best=False))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "peak_extra_mb": (peak - baseline) / 2**20}))
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_benchmark(config: BenchConfig) -> dict:
+    """Every figure of the benchmark in one dictionary."""
+    fast = load_defense("cifar10", "victim", batch_size=config.fast_batch_size, seed=config.seed)
+    fast_purifier = fast.purifier
+    reference_purifier = fast_purifier.variant(**asdict(reference_config(fast_purifier.config,
+                                                                         config.reference_batch_size)))
+    data = load_cifar10(default_data_root() / "cifar10-jpeg", "test", n=config.accuracy_images,
+                        seed=config.seed)
+    sample = data.images[: config.throughput_images]
+    result = {"fast_config": asdict(fast_purifier.config),
+              "reference_config": asdict(reference_purifier.config)}
+    result["fast_images_per_second"] = images_per_second(fast_purifier, sample)
+    result["reference_images_per_second"] = images_per_second(reference_purifier, sample)
+    result["speedup"] = result["fast_images_per_second"] / result["reference_images_per_second"]
+    adversarial = pgd(fast.victim, data.images, data.labels, PGDConfig(steps=20))
+    for name, purifier in (("fast", fast_purifier), ("reference", reference_purifier)):
+        purifier.reseed(config.seed)
+        result[f"{name}_accuracy"] = accuracies(DefendedClassifier(fast.victim, purifier),
+                                                data.images, data.labels, adversarial)
+    for steps in (10, 100):
+        for checkpointed in (False, True):
+            key = f"gradient_{steps}_steps_{'checkpointed' if checkpointed else 'plain'}"
+            result[key] = gradient_step_cost(steps, checkpointed)
+    result["unet_gflops_per_image"] = unet_flops(fast_purifier, 1) / 1e9
+    result["unet_flops_per_second"] = unet_flops_per_second(fast_purifier)
+    result["matmul_bf16_flops_per_second"] = matmul_flops_per_second()
+    result["unet_fraction_of_matmul"] = result["unet_flops_per_second"] / result["matmul_bf16_flops_per_second"]
+    return result

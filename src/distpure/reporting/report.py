@@ -1,0 +1,455 @@
+"""The report of a run directory: ``report.md``, ``results.csv``, accuracy plots and image grids.
+
+Everything is recomputed from ``config.yaml`` and the records (``results.jsonl``, plus any
+per-rank files of a sharded run still in progress), so a report can be written at any time,
+also for a partial run. Plots are drawn only along axes the experiment actually varies:
+
+* accuracy vs ε, for attacks that differ only in ``eps`` (one line per defence);
+* accuracy vs t*, vs the number of reverse steps and vs the guidance scale, for purifier
+  defences that differ only in that setting (one line per attack).
+
+Error bars and table intervals are 95 % Wilson score intervals.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from ..evaluation.config import DefenseConfig, ExperimentConfig, load_experiment
+from ..evaluation.records import read_records, record_key
+from ..evaluation.summary import summarize
+
+RESULTS = "results.jsonl"
+REPORT = "report.md"
+CSV_FILE = "results.csv"
+PLOTS = "plots"
+PURIFIER_COLUMNS = ("t_star", "num_steps", "victim_scale", "guidance")
+# purifier setting -> axis label of its accuracy plot (file plots/accuracy_vs_<setting>.png)
+PURIFIER_SWEEPS = {"t_star": "t*", "num_steps": "number of reverse steps",
+                   "victim_scale": "guidance scale"}
+NORM_LABELS = {"linf": "L∞", "l2": "L2"}
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.md``, ``results.csv``, ``plots/*.png`` into ``run_dir``; return report.md."""
+    run_dir = Path(run_dir)
+    run = _Run.load(run_dir)
+    plot_dir = run_dir / PLOTS
+    plot_dir.mkdir(exist_ok=True)
+    _write_csv(run, run_dir / CSV_FILE)
+    plots = _accuracy_plots(run, plot_dir)
+    grids = [_image_grid(path, plot_dir / f"grid_{path.stem}.png")
+             for path in sorted((run_dir / "examples").glob("*.safetensors"))]
+    path = run_dir / REPORT
+    path.write_text(_markdown(run, plots, [g for g in grids if g is not None], run_dir))
+    return path
+
+
+def summary_json(run_dir: str | Path) -> dict:
+    """The recomputed summary with the run's metadata, as JSON-ready data (NaN -> null)."""
+    run = _Run.load(Path(run_dir))
+    return _json_ready({**run.summary, "run_dir": str(run_dir), "finished": run.finished,
+                        "samples": run.samples, "records": len(run.records),
+                        "metadata": run.metadata})
+
+
+class _Run:
+    """What a report needs: the config, the records, the summary rows and the metadata."""
+
+    def __init__(self, config: ExperimentConfig, records: list[dict], metadata: dict,
+                 finished: bool) -> None:
+        self.config = config
+        self.records = records
+        self.metadata = metadata
+        self.finished = finished
+        self.summary = summarize(records, config)
+        self.samples = len({r["index"] for r in records})
+        self.defenses = {d.name: d for d in config.defenses}
+        self.settings = {d.name: _purifier_settings(d, config) for d in config.defenses}
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "_Run":
+        config_path = run_dir / "config.yaml"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+        config = load_experiment(config_path)
+        records: dict = {}
+        for path in [run_dir / RESULTS, *sorted(run_dir.glob("results.rank*.jsonl"))]:
+            for record in read_records(path):
+                records[record_key(record)] = record
+        metadata_path = run_dir / "metadata.json"
+        metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
+        finished = (run_dir / "summary.json").is_file() and not any(run_dir.glob("results.rank*.jsonl"))
+        return cls(config, [records[key] for key in sorted(records)], metadata, finished)
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.summary["rows"]
+
+    def row(self, defense: str, attack: str) -> dict:
+        return next(r for r in self.rows if r["defense"] == defense and r["attack"] == attack)
+
+
+def _purifier_settings(spec: DefenseConfig, config: ExperimentConfig) -> dict:
+    """The purifier settings a defence ran with (recommended defaults + its overrides)."""
+    if spec.kind != "purifier":
+        return {}
+    options = dict(spec.purifier)
+    guidance = options.pop("guidance", "victim")
+    try:
+        from ..defenses.recommended import recommended_purifier_config
+
+        settings = asdict(recommended_purifier_config(config.data.dataset, guidance, **options))
+    except (KeyError, TypeError, ValueError):
+        settings = {"guidance": guidance, **options}
+    settings.pop("precision", None)
+    return settings
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def _percent_interval(row: dict) -> str:
+    if not row["total"]:
+        return "–"
+    return f"{100 * row['accuracy']:.1f} [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
+
+
+def _format_number(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _format_eps(eps: float, norm: str) -> str:
+    """8/255 rather than 0.0313725 when ε is a whole number of grey levels."""
+    levels = eps * 255
+    if norm == "linf" and eps > 0 and abs(levels - round(levels)) < 1e-6:
+        return f"{round(levels)}/255"
+    return f"{eps:g}"
+
+
+def _threat_model(row: dict) -> str:
+    if row["kind"] == "clean":
+        return "clean"
+    norm = NORM_LABELS.get(row["norm"], row["norm"])
+    text = f"{row['kind']} {norm} ε={_format_eps(row['eps'], row['norm'])}"
+    if row["kind"] != "autoattack":
+        text += f", {_plural(row['steps'], 'step')}"
+    return text + (f", EOT {row['eot']}" if row["eot"] > 1 else "")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _cell(text: object) -> str:
+    """Markdown table cell text (pipes escaped, no line breaks)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[object]], align: list[str] | None = None) -> list[str]:
+    align = align or ["---"] * len(header)
+    return ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(align) + "|",
+            *("| " + " | ".join(_cell(c) for c in row) + " |" for row in rows)]
+
+
+def _settings_text(settings: dict, spec: DefenseConfig) -> str:
+    if spec.kind == "purifier":
+        text = ", ".join(f"{key}={_format_number(settings.get(key))}" for key in PURIFIER_COLUMNS
+                         if key in settings)
+        extra = {k: v for k, v in spec.purifier.items() if k not in PURIFIER_COLUMNS}
+        text += "".join(f", {key}={_format_number(value)}" for key, value in sorted(extra.items()))
+    elif spec.kind == "preprocessing":
+        text = ", ".join(f"{key}={value}" for key, value in spec.preprocessing.items())
+    elif spec.kind == "classifier":
+        text = str(spec.classifier)
+    else:
+        text = "no defence"
+    return text + (f", votes={spec.votes}" if spec.votes > 1 else "")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} (h:mm:ss)"
+
+
+def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_dir: Path) -> str:
+    config, meta = run.config, run.metadata
+    lines = [f"# {config.name}", ""]
+    if config.description:
+        lines += [config.description.strip(), ""]
+    if not run.finished:
+        lines += ["> **Partial run**: the evaluation has not finished; numbers cover the records "
+                  "written so far.", ""]
+    packages = meta.get("packages") or {}
+    device = meta.get("device", "unknown")
+    if meta.get("device_name"):
+        device += f" ({meta['device_name']})"
+    data = config.data
+    lines += ["## Run", "",
+              f"- commit: `{meta.get('git_commit') or 'unknown'}`",
+              f"- device: {device}; processes: {meta.get('processes', 1)}; "
+              f"torch threads: {meta.get('torch_threads', 'unknown')}; precision: {config.precision}",
+              f"- packages: python {meta.get('python', 'unknown')}, " +
+              ", ".join(f"{name} {version}" for name, version in packages.items() if version),
+              f"- wall time: {_duration(meta.get('wall_time_seconds'))}",
+              f"- seed: {config.seed} (data subset seed {data.seed})",
+              f"- samples: {run.samples} ({data.dataset} {data.split}, limit {data.limit}); "
+              f"batch size {config.batch_size}",
+              f"- models: victim `{config.models.victim}`, diffusion `{config.models.diffusion}`", ""]
+
+    attacks = [a.name for a in config.attacks]
+    table_rows = [[d.name, *(_main_cell(run.row(d.name, a)) for a in attacks)] for d in config.defenses]
+    lines += ["## Accuracy", "",
+              *_table(["defence", *attacks], table_rows, ["---", *[":---:"] * len(attacks)]), "",
+              f"Robust accuracy (%) with 95 % Wilson score intervals over n = {run.samples} "
+              "samples" + ("; in parentheses the accuracy reported in the paper." if any(
+                  r["paper"] is not None for r in run.rows) else "."), ""]
+
+    lines += ["### Defences", ""]
+    lines += [f"- **{d.name}** ({d.kind}): {_settings_text(run.settings[d.name], d)}"
+              for d in config.defenses]
+    lines += ["", "### Attacks", ""]
+    lines += [f"- **{a.name}**: {_threat_model(run.row(config.defenses[0].name, a.name))}"
+              for a in config.attacks]
+
+    long_rows = [[r["defense"], r["attack"], r["kind"], NORM_LABELS.get(r["norm"], r["norm"]),
+                  _format_eps(r["eps"], r["norm"]) if r["kind"] != "clean" else "–",
+                  r["steps"] if r["kind"] not in ("clean",) else "–", r["eot"],
+                  _settings_text(run.settings[r["defense"]], run.defenses[r["defense"]]),
+                  f"{r['correct']} / {r['total']}",
+                  f"{100 * r['accuracy']:.1f}" if r["total"] else "–",
+                  f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]" if r["total"] else "–",
+                  _format_number(r["paper"])] for r in run.rows]
+    lines += ["", "## All results", "",
+              *_table(["defence", "attack", "kind", "norm", "ε", "steps", "EOT", "defence settings",
+                       "correct / n", "accuracy %", "95 % CI", "paper %"], long_rows), "",
+              f"Machine-readable: [{CSV_FILE}]({CSV_FILE}).", ""]
+
+    if plots:
+        lines += ["## Plots", ""]
+        for title, path in plots:
+            relative = path.relative_to(run_dir).as_posix()
+            lines += [f"### {title}", "", f"![{title}]({relative})", ""]
+    if grids:
+        lines += ["## Examples", "",
+                  "Rows: clean, adversarial, purified, and |adversarial − clean| scaled per image "
+                  "to fill [0, 1]. Taken from the first batch.", ""]
+        for path in grids:
+            defense, _, attack = path.stem[len("grid_"):].partition("__")
+            relative = path.relative_to(run_dir).as_posix()
+            lines += [f"### {defense} / {attack}", "", f"![{defense} / {attack}]({relative})", ""]
+    return "\n".join(lines)
+
+
+def _main_cell(row: dict) -> str:
+    text = _percent_interval(row)
+    return text + (f" ({_format_number(row['paper'])})" if row["paper"] is not None else "")
+
+
+# ----------------------------------------------------------------------------- CSV
+
+def _write_csv(run: _Run, path: Path) -> None:
+    extra = sorted({key for d in run.config.defenses for key in d.purifier} - set(PURIFIER_COLUMNS))
+    fields = ["defense", "defense_kind", "attack", "kind", "norm", "eps", "eot", "steps",
+              *PURIFIER_COLUMNS, *extra, "correct", "total", "accuracy", "ci_low", "ci_high", "paper"]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in run.rows:
+            settings = run.settings[row["defense"]]
+            flat = {key: value for key, value in row.items() if key in fields}
+            flat["defense_kind"] = run.defenses[row["defense"]].kind
+            flat.update({key: settings.get(key) for key in [*PURIFIER_COLUMNS, *extra]})
+            writer.writerow({key: "" if _is_missing(value) else value for key, value in flat.items()})
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _new_figure(size: tuple[float, float]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _error_bars(axes, xs: list[float], rows: list[dict], label: str) -> None:
+    ys = [100 * r["accuracy"] for r in rows]
+    # max(0, ...): at 100 % the Wilson bound can round to 0.9999999999999999
+    below = [max(0.0, 100 * (r["accuracy"] - r["ci_low"])) for r in rows]
+    above = [max(0.0, 100 * (r["ci_high"] - r["accuracy"])) for r in rows]
+    axes.errorbar(xs, ys, yerr=[below, above], marker="o", capsize=3, label=label)
+
+
+def _finish_axes(axes, xlabel: str, title: str) -> None:
+    ticks = sorted({float(x) for line in axes.get_lines() for x in line.get_xdata()})
+    if 0 < len(ticks) <= 12:
+        axes.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(-2, 102)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+
+
+def _accuracy_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
+    """Every applicable accuracy plot, as (title, path)."""
+    return [*_epsilon_plots(run, plot_dir), *_purifier_plots(run, plot_dir)]
+
+
+def _epsilon_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
+    """Accuracy vs ε for each group of attacks identical but for ε (one line per defence)."""
+    groups: dict[str, list] = {}
+    for attack in run.config.attacks:
+        if attack.kind != "clean":
+            key = json.dumps({k: v for k, v in asdict(attack).items() if k not in ("name", "eps")},
+                             sort_keys=True, default=str)
+            groups.setdefault(key, []).append(attack)
+    plots, used = [], set()
+    for attacks in groups.values():
+        if len({a.eps for a in attacks}) < 2:
+            continue
+        attacks = sorted(attacks, key=lambda a: a.eps)
+        first = attacks[0]
+        stem = f"accuracy_vs_eps_{first.kind}_{first.norm}"
+        name, counter = stem, 1
+        while name in used:
+            counter += 1
+            name = f"{stem}_{counter}"
+        used.add(name)
+        scale = 255 if first.norm == "linf" else 1
+        figure = _new_figure((5.5, 4))
+        axes = figure.subplots()
+        for defense in run.config.defenses:
+            rows = [run.row(defense.name, a.name) for a in attacks]
+            points = [(a.eps * scale, r) for a, r in zip(attacks, rows) if r["total"]]
+            if points:
+                _error_bars(axes, [x for x, _ in points], [r for _, r in points], defense.name)
+        details = _plural(first.steps, "step") if first.kind != "autoattack" else first.version
+        details += f", EOT {first.eot}" if first.eot > 1 else ""
+        title = f"Accuracy vs ε: {first.kind} {NORM_LABELS.get(first.norm, first.norm)} ({details})"
+        _finish_axes(axes, "ε (×1/255)" if scale == 255 else "ε", title)
+        path = plot_dir / f"{name}.png"
+        figure.savefig(path, dpi=120)
+        plots.append((title, path))
+    return plots
+
+
+def _purifier_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
+    """Accuracy vs each purifier setting the experiment sweeps (one line per attack)."""
+    plots = []
+    for setting, axis_label in PURIFIER_SWEEPS.items():
+        groups: dict[str, list[tuple[float, str]]] = {}
+        for defense in run.config.defenses:
+            settings = run.settings[defense.name]
+            value = settings.get(setting)
+            if defense.kind != "purifier" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if setting == "victim_scale" and "victim" not in str(settings.get("guidance", "")):
+                continue
+            rest = {k: v for k, v in settings.items() if k != setting}
+            key = json.dumps({**rest, "votes": defense.votes}, sort_keys=True, default=str)
+            groups.setdefault(key, []).append((value, defense.name))
+        sweeps = {key: sorted(members) for key, members in groups.items()
+                  if len({value for value, _ in members}) >= 2}
+        if not sweeps:
+            continue
+        labels = _group_labels(list(sweeps))
+        figure = _new_figure((5.5, 4))
+        axes = figure.subplots()
+        for key, members in sweeps.items():
+            for attack in run.config.attacks:
+                points = [(value, run.row(name, attack.name)) for value, name in members]
+                points = [(x, r) for x, r in points if r["total"]]
+                if points:
+                    label = attack.name + (f" ({labels[key]})" if labels[key] else "")
+                    _error_bars(axes, [x for x, _ in points], [r for _, r in points], label)
+        title = f"Accuracy vs {axis_label}"
+        _finish_axes(axes, axis_label, title)
+        path = plot_dir / f"accuracy_vs_{setting}.png"
+        figure.savefig(path, dpi=120)
+        plots.append((title, path))
+    return plots
+
+
+def _group_labels(keys: list[str]) -> dict[str, str]:
+    """For several sweeps on one plot, the settings that tell them apart."""
+    decoded = {key: json.loads(key) for key in keys}
+    names = sorted({name for values in decoded.values() for name in values})
+    differing = [n for n in names
+                 if len({json.dumps(v.get(n), sort_keys=True) for v in decoded.values()}) > 1]
+    return {key: ", ".join(f"{n}={values.get(n)}" for n in differing) for key, values in decoded.items()}
+
+
+# ----------------------------------------------------------------------------- image grids
+
+def _image_grid(examples: Path, path: Path) -> Path | None:
+    """Clean / adversarial / purified / amplified |adv − clean| rows of one example file."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(examples))
+        clean, adversarial, purified = (tensors[key].float().cpu()
+                                        for key in ("clean", "adversarial", "purified"))
+    except (KeyError, OSError, ValueError, RuntimeError):
+        return None
+    if clean.ndim != 4 or len(clean) == 0:
+        return None
+    difference = (adversarial - clean).abs()
+    peak = difference.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    difference = difference / peak
+    rows = [("clean", clean), ("adversarial", adversarial), ("purified", purified),
+            ("|adv − clean|\n(scaled)", difference)]
+
+    def strip(images) -> "np.ndarray":
+        images = images.clamp(0, 1)
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        images = images[:, :3].permute(0, 2, 3, 1).numpy()
+        gap = np.ones((images.shape[1], max(1, images.shape[2] // 16), 3), dtype=images.dtype)
+        parts = []
+        for image in images:
+            parts += [image, gap]
+        return np.concatenate(parts[:-1], axis=1)
+
+    count = len(clean)
+    figure = _new_figure((1.0 + 1.0 * count, 4.4))
+    axes_list = figure.subplots(len(rows), 1)
+    for axes, (label, images) in zip(axes_list, rows):
+        axes.imshow(strip(images), interpolation="nearest")
+        axes.set_xticks([])
+        axes.set_yticks([])
+        for spine in axes.spines.values():
+            spine.set_visible(False)
+        axes.set_ylabel(label, rotation=0, ha="right", va="center", fontsize="small")
+    defense, _, attack = examples.stem.partition("__")
+    figure.suptitle(f"{defense} / {attack}", fontsize="medium")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+# ----------------------------------------------------------------------------- JSON
+
+def _json_ready(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value

@@ -1,0 +1,69 @@
+"""The resumable training loop shared by every trainer: progress, log, checkpoints, time budget."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from tqdm import tqdm
+
+from .checkpoint import load_if_exists, restore_rng_state, rng_state, save_atomic
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> object: ...
+
+
+@dataclass
+class LoopSettings:
+    output_dir: Path
+    steps: int
+    max_minutes: float | None
+    checkpoint_every: int
+    description: str
+
+
+def run_loop(settings: LoopSettings, state: dict[str, Stateful], train_step: Callable[[int], float],
+             export: Callable[[int, float], None]) -> int:
+    """Call ``train_step(step)`` until ``steps`` or the time budget is reached; checkpoint
+    ``state`` (atomically, with the RNG) every ``checkpoint_every`` steps and at the end, and
+    call ``export(step, seconds)`` after each checkpoint. Resumes from ``checkpoint.pt``.
+    Returns the number of steps done."""
+    path = settings.output_dir / "checkpoint.pt"
+    step, seconds = _resume(path, state)
+    started = time.monotonic() - seconds
+    elapsed = lambda: time.monotonic() - started  # noqa: E731
+    out_of_time = lambda: settings.max_minutes is not None and elapsed() > 60 * settings.max_minutes  # noqa: E731
+
+    def checkpoint() -> None:
+        save_atomic({**{name: item.state_dict() for name, item in state.items()},
+                     "rng": rng_state(), "step": step, "seconds": elapsed()}, path)
+        export(step, elapsed())
+
+    with open(settings.output_dir / "log.jsonl", "a") as log, \
+            tqdm(total=settings.steps, initial=step, desc=settings.description, dynamic_ncols=True) as bar:
+        while step < settings.steps and not out_of_time():
+            loss = train_step(step)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if step % 10 == 0:
+                log.write(json.dumps({"step": step, "loss": loss, "seconds": round(elapsed(), 1)}) + "\n")
+                log.flush()
+            if step % settings.checkpoint_every == 0:
+                checkpoint()
+        checkpoint()
+    return step
+
+
+def _resume(path: Path, state: dict[str, Stateful]) -> tuple[int, float]:
+    saved = load_if_exists(path)
+    if saved is None:
+        return 0, 0.0
+    for name, item in state.items():
+        item.load_state_dict(saved[name])
+    restore_rng_state(saved["rng"])
+    return int(saved["step"]), float(saved["seconds"])

@@ -1,0 +1,468 @@
+"""The evaluation pipeline end to end on tiny models: statistics, the records file, config
+validation, interrupted-and-resumed runs, torchrun sharding, and the report.
+
+Nothing here loads the embedded diffusion model. The test writes a tiny random diffusers
+directory, a tiny victim (architecture ``test-tiny-cnn``, registered in-process and, for the
+``python -m distpure`` subprocesses, by a ``sitecustomize`` module put on their PYTHONPATH) and
+a 2-class, 12-image folder dataset into a temporary directory.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from distpure.cli.main import main
+from distpure.evaluation.config import (DefenseConfig, ExperimentConfig, load_experiment)
+from distpure.evaluation.records import RecordWriter, read_records, write_sorted
+from distpure.evaluation.runner import run_experiment
+from distpure.evaluation.stats import accuracy, wilson_interval
+from distpure.evaluation.summary import format_table, summarize
+from distpure.attacks.suite import AttackConfig
+from distpure.reporting.report import summary_json, write_report
+
+ARCH = "test-tiny-cnn"
+PLUGIN = "distpure_test_tiny_arch"
+# Imported in this process and (through sitecustomize) in every subprocess, so both build the
+# same network. Its logits carry a strong brightness term so that predictions vary across
+# images and react to the attack and to purification.
+PLUGIN_SOURCE = f'''
+import torch
+from torch import nn
+
+from distpure.models.classifiers import CLASSIFIERS
+from distpure.models.weights import load_state_dict
+
+NAME = {ARCH!r}
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
+
+    def forward(self, images):
+        brightness = images.mean(dim=(1, 2, 3)) - 0.5
+        return self.features(images) + 40.0 * brightness[:, None] * torch.tensor([-1.0, 1.0])
+
+
+if NAME not in CLASSIFIERS:
+    @CLASSIFIERS.register(NAME)
+    def _tiny_cnn(weights=None):
+        network = TinyCNN()
+        if weights is not None:
+            network.load_state_dict(load_state_dict(weights))
+        return network
+'''
+IMAGES_PER_CLASS = 6
+BATCH_SIZE = 4
+DEFENSES = [{"name": "none", "kind": "none"},
+            {"name": "purified", "kind": "purifier", "purifier": {"t_star": 20, "num_steps": 2}}]
+ATTACKS = [{"name": "clean", "kind": "clean"},
+           {"name": "pgd", "kind": "pgd", "eps": "8/255", "steps": 1}]
+TOTAL_RECORDS = 2 * IMAGES_PER_CLASS * len(DEFENSES) * len(ATTACKS)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> SimpleNamespace:
+    """Tiny victim weights, a tiny diffusers model, an image-folder dataset, the plugin dir."""
+    from diffusers import UNet2DModel
+
+    from distpure.models.diffusion import DiffusionModel, default_scheduler
+    from distpure.models.weights import save_state_dict
+
+    root = tmp_path_factory.mktemp("assets")
+    plugin_dir = root / "plugin"
+    plugin_dir.mkdir()
+    (plugin_dir / f"{PLUGIN}.py").write_text(PLUGIN_SOURCE)
+    (plugin_dir / "sitecustomize.py").write_text(f"import {PLUGIN}  # registers {ARCH}\n")
+    sys.path.insert(0, str(plugin_dir))
+    try:
+        plugin = importlib.import_module(PLUGIN)
+    finally:
+        sys.path.remove(str(plugin_dir))
+
+    torch.manual_seed(0)
+    save_state_dict(plugin.TinyCNN(), root / "victim.safetensors")
+    # small_unet(channels=(16, 32)) cannot be built (diffusers' 32 GroupNorm groups), so the
+    # UNet is built here with 8 groups.
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2, norm_num_groups=8, add_attention=False)
+    DiffusionModel(unet, default_scheduler()).save_pretrained(root / "diffusion")
+
+    generator = np.random.default_rng(0)
+    for label in range(2):
+        folder = root / "data" / "test" / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(IMAGES_PER_CLASS):
+            brightness = 0.44 + 0.06 * label + 0.06 * generator.random()  # near 0.5
+            noise = generator.normal(0.0, 0.15, (8, 8, 3)).repeat(4, 0).repeat(4, 1)
+            pixels = np.clip(brightness + noise, 0, 1) * 255
+            Image.fromarray(pixels.round().astype(np.uint8)).save(folder / f"{i}.png")
+    yield SimpleNamespace(root=root, plugin_dir=plugin_dir, victim=root / "victim.safetensors",
+                          diffusion=root / "diffusion", data=root / "data")
+    from distpure.models.classifiers import CLASSIFIERS
+
+    CLASSIFIERS._builders.pop(ARCH, None)  # leave the registry as other test modules expect it
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One intra-op thread here and in subprocesses: identical float results in every process."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def experiment(assets: SimpleNamespace, **changes) -> dict:
+    values = {"name": "tiny", "description": "tiny models on a tiny folder dataset",
+              "data": {"dataset": "cifar10", "root": str(assets.data), "limit": None},
+              "models": {"victim": str(assets.victim), "victim_arch": ARCH,
+                         "diffusion": str(assets.diffusion)},
+              "defenses": DEFENSES, "attacks": ATTACKS, "batch_size": BATCH_SIZE, "device": "cpu",
+              "paper": {"purified/clean": 90.0}}
+    values.update(changes)
+    return values
+
+
+def write_yaml(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def subprocess_env(assets: SimpleNamespace) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(assets.plugin_dir), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def config_path(assets) -> Path:
+    return write_yaml(assets.root / "tiny.yaml", experiment(assets))
+
+
+@pytest.fixture(scope="module")
+def reference_run(assets, config_path) -> Path:
+    """The experiment run uninterrupted, in this process."""
+    run_dir = assets.root / "run-a"
+    run_experiment(load_experiment(config_path), run_dir, show_progress=False)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- statistics
+
+@pytest.mark.parametrize("correct, total, low, high", [
+    # by hand: z = 1.959964, z^2 = 3.841459, denominator 1 + z^2 / n = 1.3841459
+    (0, 10, 0.0, 0.277533),        # centre = half = 0.1920729 / 1.3841459 = 0.1387665
+    (5, 10, 0.236593, 0.763407),   # half = z sqrt(0.025 + 0.0096036) / 1.3841459 = 0.263407
+    (10, 10, 0.722467, 1.0),       # mirror image of 0 / 10
+    (1, 4, 0.045587, 0.699358),
+])
+def test_wilson_interval_known_values(correct, total, low, high):
+    result = wilson_interval(correct, total)
+    assert result == pytest.approx((low, high), abs=5e-6)
+
+
+def test_wilson_interval_edge_cases():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    empty = accuracy(0, 0)
+    assert np.isnan(empty.value) and (empty.low, empty.high) == (0.0, 1.0)
+    half = accuracy(5, 10)
+    assert half.value == 0.5 and str(half) == "50.0 [23.7, 76.3]"
+    for n in (1, 7, 50):
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k, n)
+            # (k = n gives 0.9999999999999999: float rounding, hence the tolerance)
+            assert 0.0 <= lo <= k / n <= hi + 1e-12 and hi <= 1.0
+
+
+def test_summary_rows_in_config_order():
+    config = ExperimentConfig(
+        defenses=[DefenseConfig("a", kind="none"),
+                  DefenseConfig("b", purifier={"t_star": 50})],
+        attacks=[AttackConfig("clean", kind="clean"), AttackConfig("pgd", eps="4/255", steps=3)],
+        paper={"b/pgd": 61.5})
+    records = [{"index": i, "defense": d, "attack": a, "label": 0, "prediction": 0,
+                "correct": correct}
+               for i, correct in enumerate([True, True, False, True])
+               for d, a in [("a", "clean"), ("b", "pgd"), ("b", "clean")]]
+    records += [{"index": 0, "defense": "unconfigured", "attack": "pgd", "correct": True}]
+    rows = summarize(records, config)["rows"]
+    assert [(r["defense"], r["attack"]) for r in rows] == [
+        ("a", "clean"), ("a", "pgd"), ("b", "clean"), ("b", "pgd")]
+    by_pair = {(r["defense"], r["attack"]): r for r in rows}
+    assert by_pair["a", "clean"]["correct"] == 3 and by_pair["a", "clean"]["total"] == 4
+    assert by_pair["a", "clean"]["accuracy"] == 0.75
+    assert (by_pair["a", "clean"]["ci_low"], by_pair["a", "clean"]["ci_high"]) == wilson_interval(3, 4)
+    assert by_pair["a", "pgd"]["total"] == 0 and np.isnan(by_pair["a", "pgd"]["accuracy"])
+    assert by_pair["b", "pgd"]["paper"] == 61.5 and by_pair["b", "clean"]["paper"] is None
+    assert by_pair["b", "pgd"]["eps"] == pytest.approx(4 / 255)
+    assert by_pair["b", "pgd"]["purifier"] == {"t_star": 50}
+    assert by_pair["b", "pgd"]["steps"] == 3
+    table = format_table(summarize(records, config))
+    assert "75.0 [30.1, 95.4]" in table and " - " in table
+
+
+# ----------------------------------------------------------------------------- records
+
+def _record(index: int, defense: str = "d", attack: str = "a") -> dict:
+    return {"index": index, "defense": defense, "attack": attack, "label": 1, "prediction": 1,
+            "correct": True}
+
+
+def test_torn_last_line_is_ignored_and_truncated(tmp_path):
+    path = tmp_path / "results.jsonl"
+    with RecordWriter(path) as writer:
+        writer.write([_record(0), _record(1)])
+    complete_size = path.stat().st_size
+    with open(path, "ab") as handle:
+        handle.write(b'{"attack": "a", "correct": tr')  # killed mid-write: no newline
+    assert read_records(path) == [_record(0), _record(1)]
+
+    with RecordWriter(path) as writer:  # reopening cuts the torn tail off
+        assert path.stat().st_size == complete_size
+        writer.write([_record(2)])
+    assert read_records(path) == [_record(0), _record(1), _record(2)]
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+
+    with open(path, "ab") as handle:  # a complete but corrupt last line is dropped too
+        handle.write(b"not json\n")
+    assert len(read_records(path)) == 3
+    RecordWriter(path).close()
+    assert len(path.read_text().splitlines()) == 3
+    assert read_records(tmp_path / "missing.jsonl") == []
+
+
+def test_write_sorted_is_canonical(tmp_path):
+    records = [_record(i, d, a) for i in (10, 2, 9) for d in ("y", "x") for a in ("b", "a")]
+    shuffled = [records[i] for i in np.random.default_rng(0).permutation(len(records))]
+    reordered_keys = [dict(reversed(list(r.items()))) for r in shuffled]
+    write_sorted(records, tmp_path / "one.jsonl")
+    write_sorted(reordered_keys, tmp_path / "two.jsonl")
+    assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
+    keys = [(r["index"], r["defense"], r["attack"]) for r in read_records(tmp_path / "one.jsonl")]
+    assert keys == sorted(keys) and keys[0] == (2, "x", "a") and keys[-1][0] == 10  # numeric order
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("change, culprit", [
+    ({"batchsize": 4}, "batchsize"),
+    ({"data": {"dataset": "cifar10", "limt": 3}}, "limt"),
+    ({"defenses": [{"name": "x", "kind": "none", "tstar": 3}]}, "tstar"),
+    ({"defenses": [{"name": "x", "kind": "magic"}]}, "magic"),
+    ({"attacks": [{"name": "cw", "kind": "carlini"}]}, "carlini"),
+    ({"attacks": [{"name": "pgd", "kind": "pgd"}, {"name": "pgd", "kind": "bpda"}]}, "pgd"),
+    ({"defenses": [{"name": "twin", "kind": "none"}, {"name": "twin"}]}, "twin"),
+])
+def test_invalid_config_names_the_culprit(tmp_path, assets, change, culprit):
+    path = write_yaml(tmp_path / "bad.yaml", experiment(assets, **change))
+    with pytest.raises(ValueError, match=culprit):
+        load_experiment(path)
+    assert main(["evaluate", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_names_are_refused(assets, tmp_path):
+    path = write_yaml(tmp_path / "dup.yaml", experiment(assets, attacks=ATTACKS + [ATTACKS[0]]))
+    with pytest.raises(ValueError, match="unique"):
+        load_experiment(path)
+
+
+def test_run_dir_with_another_config_is_refused(assets, reference_run, tmp_path, capsys):
+    stored = (reference_run / "config.yaml").read_text()
+    other = write_yaml(tmp_path / "other.yaml", experiment(assets, seed=1))
+    with pytest.raises(ValueError, match="different experiment"):
+        run_experiment(load_experiment(other), reference_run, show_progress=False)
+    assert main(["evaluate", str(other), "--out", str(reference_run)]) == 2
+    assert "different experiment" in capsys.readouterr().err
+    assert (reference_run / "config.yaml").read_text() == stored
+
+
+# ----------------------------------------------------------------------------- runs
+
+def _assert_same_examples(run_dir: Path, reference: Path) -> None:
+    """The saved clean / adversarial / purified tensors are bit-identical too (a stronger check
+    than predictions: any float drift in the attack or the purifier would show here)."""
+    from safetensors.torch import load_file
+
+    names = sorted(p.name for p in (reference / "examples").iterdir())
+    assert sorted(p.name for p in (run_dir / "examples").iterdir()) == names
+    for name in names:
+        ours, theirs = load_file(run_dir / "examples" / name), load_file(reference / "examples" / name)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), f"{name}: {key} differs"
+
+
+def _summary_accuracies(run_dir: Path) -> list[tuple]:
+    rows = json.loads((run_dir / "summary.json").read_text())["rows"]
+    return [(r["defense"], r["attack"], r["correct"], r["total"], r["accuracy"]) for r in rows]
+
+
+def test_reference_run_is_complete(reference_run):
+    records = read_records(reference_run / "results.jsonl")
+    assert len(records) == TOTAL_RECORDS
+    assert {r["prediction"] for r in records} == {0, 1}  # the tiny victim is not constant
+    assert not list(reference_run.glob("results.rank*.jsonl"))
+    metadata = json.loads((reference_run / "metadata.json").read_text())
+    assert metadata["processes"] == 1 and metadata["seed"] == 0
+    examples = sorted(p.name for p in (reference_run / "examples").iterdir())
+    assert examples == [f"{d['name']}__{a['name']}.safetensors" for d in DEFENSES for a in ATTACKS]
+
+
+def test_killed_run_resumes_to_identical_results(assets, config_path, reference_run, tmp_path):
+    run_dir = tmp_path / "run-b"
+    command = [sys.executable, "-m", "distpure", "evaluate", str(config_path), "--out", str(run_dir)]
+    env = subprocess_env(assets)
+    log = tmp_path / "first.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=output, stderr=output)
+        deadline = time.monotonic() + 90
+        written = 0
+        try:
+            while process.poll() is None and time.monotonic() < deadline:
+                written = len(read_records(run_dir / "results.jsonl"))
+                if 0 < written < TOTAL_RECORDS:
+                    process.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.005)
+        finally:
+            if process.poll() is None and not 0 < written < TOTAL_RECORDS:
+                process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL, \
+        f"the run was not interrupted mid-way (exit {process.returncode}):\n{log.read_text()}"
+    partial = read_records(run_dir / "results.jsonl")
+    assert 0 < len(partial) < TOTAL_RECORDS
+    assert not (run_dir / "summary.json").exists()
+    with open(run_dir / "results.jsonl", "ab") as handle:  # as if killed in the middle of a line
+        handle.write(b'{"attack": "pgd", "correct": fal')
+
+    resumed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run_dir / "results.jsonl").read_bytes() == (reference_run / "results.jsonl").read_bytes()
+    assert _summary_accuracies(run_dir) == _summary_accuracies(reference_run)
+    _assert_same_examples(run_dir, reference_run)
+    assert "purified" in resumed.stdout  # the table printed at the end
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_matches_one_process(assets, config_path, reference_run, tmp_path):
+    run_dir = tmp_path / "run-c"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "distpure", "evaluate", str(config_path), "--out", str(run_dir)]
+    result = subprocess.run(command, env=subprocess_env(assets), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (run_dir / "results.jsonl").read_bytes() == (reference_run / "results.jsonl").read_bytes()
+    assert _summary_accuracies(run_dir) == _summary_accuracies(reference_run)
+    _assert_same_examples(run_dir, reference_run)
+    assert json.loads((run_dir / "metadata.json").read_text())["processes"] == 2
+    assert not list(run_dir.glob("results.rank*.jsonl"))
+
+
+# ----------------------------------------------------------------------------- report
+
+def test_report_of_a_finished_run(reference_run, capsys):
+    path = write_report(reference_run)
+    assert path == reference_run / "report.md"
+    text = path.read_text()
+    header = "| defence | " + " | ".join(a["name"] for a in ATTACKS) + " |"
+    assert header in text
+    for defense in DEFENSES:
+        assert f"\n| {defense['name']} | " in text
+    summary = json.loads((reference_run / "summary.json").read_text())
+    row = next(r for r in summary["rows"] if (r["defense"], r["attack"]) == ("purified", "clean"))
+    cell = f"{100 * row['accuracy']:.1f} [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}] (90)"
+    assert cell in text  # the paper's number in parentheses
+    assert "Partial run" not in text and "seed: 0" in text and "samples: 12" in text
+
+    import csv
+
+    with open(reference_run / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(DEFENSES) * len(ATTACKS)
+    purified = next(r for r in rows if r["defense"] == "purified" and r["attack"] == "pgd")
+    assert (purified["t_star"], purified["num_steps"], purified["guidance"]) == ("20", "2", "victim")
+    assert float(purified["accuracy"]) == next(
+        r["accuracy"] for r in summary["rows"] if (r["defense"], r["attack"]) == ("purified", "pgd"))
+
+    grids = sorted((reference_run / "plots").glob("grid_*.png"))
+    assert len(grids) == len(DEFENSES) * len(ATTACKS)
+    with Image.open(grids[0]) as image:
+        assert image.format == "PNG" and image.width > 100
+    assert f"](plots/{grids[0].name})" in text
+    assert not list((reference_run / "plots").glob("accuracy_vs_*.png"))  # nothing is swept
+
+    assert main(["report", str(reference_run), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["finished"] and data["samples"] == 12 and len(data["rows"]) == 4
+    assert [(r["defense"], r["attack"], r["accuracy"]) for r in data["rows"]] == \
+        [(r["defense"], r["attack"], r["accuracy"]) for r in summary["rows"]]
+    assert main(["report", str(reference_run)]) == 0
+    assert capsys.readouterr().out.strip() == str(path)
+    assert main(["report", str(reference_run / "missing")]) == 2
+
+
+def test_report_of_a_partial_run(reference_run, tmp_path):
+    run_dir = tmp_path / "partial"
+    run_dir.mkdir()
+    shutil.copy(reference_run / "config.yaml", run_dir)
+    lines = (reference_run / "results.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "results.jsonl").write_text("".join(lines[:3]))
+    text = write_report(run_dir).read_text()
+    assert "Partial run" in text and "–" in text
+    data = summary_json(run_dir)
+    assert not data["finished"] and data["records"] == 3
+    json.dumps(data, allow_nan=False)  # NaN accuracies of empty cells became null
+
+
+def test_report_plots_the_swept_settings(assets, tmp_path):
+    values = experiment(assets, data={"dataset": "cifar10", "root": str(assets.data), "limit": 4},
+                        defenses=[{"name": "t10", "purifier": {"t_star": 10, "num_steps": 2}},
+                                  {"name": "t20", "purifier": {"t_star": 20, "num_steps": 2}}],
+                        attacks=[{"name": "clean", "kind": "clean"},
+                                 {"name": "pgd-4", "kind": "pgd", "eps": "4/255", "steps": 1},
+                                 {"name": "pgd-8", "kind": "pgd", "eps": "8/255", "steps": 1}],
+                        paper={})
+    run_dir = tmp_path / "sweep"
+    run_experiment(load_experiment(write_yaml(tmp_path / "sweep.yaml", values)), run_dir,
+                   show_progress=False)
+    text = write_report(run_dir).read_text()
+    plots = sorted(p.name for p in (run_dir / "plots").glob("accuracy_vs_*.png"))
+    assert plots == ["accuracy_vs_eps_pgd_linf.png", "accuracy_vs_t_star.png"]
+    for name in plots:
+        assert f"](plots/{name})" in text
+        with Image.open(run_dir / "plots" / name) as image:
+            assert image.format == "PNG"
+    assert "| defence | clean | pgd-4 | pgd-8 |" in text and "samples: 4" in text
