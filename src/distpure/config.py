@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,10 +32,17 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ValueError(f"override {pair!r} is not of the form key=value")
         key, value = pair.split("=", 1)
         node = result
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"override {pair!r} has an empty key (expected key=value or section.key=value)")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ValueError(f"override {pair!r}: {part!r} already has a value, so it cannot be a section")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {pair!r}: the value is not valid YAML ({error})") from error
     return result
 
 
@@ -54,21 +62,35 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
 
     Unknown keys are an error naming the key, so a typo in a config never passes silently.
     """
+    if not isinstance(values, dict):
+        raise ValueError(f"{cls.__name__}: expected a mapping of settings, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(fields)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}; "
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(map(str, unknown)))}; "
                          f"known: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
         kind = hints[name]
-        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+        if dataclasses.is_dataclass(kind) and not isinstance(value, kind):
+            if not isinstance(value, dict):
+                raise ValueError(f"{cls.__name__}.{name} is a section: expected a mapping, got {value!r}")
             value = from_dict(kind, value)
+        elif isinstance(value, dict) and not _takes_mapping(kind):
+            raise ValueError(f"{cls.__name__}.{name} is a single setting, not a section "
+                             f"(got sub-keys {', '.join(map(str, value))})")
         elif typing.get_origin(kind) is tuple and isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _takes_mapping(kind: Any) -> bool:
+    """Whether a field annotated ``kind`` accepts a dict (``dict``, ``dict[...]``, ``Any`` or a union with one)."""
+    if kind is dict or kind is Any or typing.get_origin(kind) is dict:
+        return True
+    return typing.get_origin(kind) in (typing.Union, types.UnionType) and any(map(_takes_mapping, typing.get_args(kind)))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

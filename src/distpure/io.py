@@ -63,6 +63,24 @@ def _readable_batches(files: list[Path], size: int, resize: bool, batch_size: in
         yield batch_files, torch.stack(batch_images)
 
 
+def _output_name(path: Path, input_dir: Path) -> Path:
+    """The purified file's name relative to the output folder: the input's, with a .png suffix."""
+    return path.relative_to(input_dir).with_suffix(OUTPUT_SUFFIX)
+
+
+def _drop_name_clashes(files: list[Path], input_dir: Path, report: PurifyReport) -> list[Path]:
+    """The files whose output name no earlier file takes (``a.jpg`` and ``a.png`` would both
+    write ``a.png``); the others go to ``report.failed``."""
+    taken: dict[Path, Path] = {}
+    for path in files:
+        name = _output_name(path, input_dir)
+        if name in taken:
+            report.failed.append((str(path), f"its output {name} is already the output of {taken[name]}"))
+        else:
+            taken[name] = path
+    return list(taken.values())
+
+
 def purify_folder(purifier: torch.nn.Module, input_dir: str | Path, output_dir: str | Path,
                   resize: bool = False, batch_size: int | None = None) -> PurifyReport:
     """Purify every image below ``input_dir`` into ``output_dir`` (same relative names, .png)."""
@@ -72,12 +90,13 @@ def purify_folder(purifier: torch.nn.Module, input_dir: str | Path, output_dir: 
     device = next(purifier.diffusion.parameters()).device
     batch_size = batch_size or purifier.config.batch_size
     report = PurifyReport()
+    files = _drop_name_clashes(files, input_dir, report)
     with tqdm(total=len(files), desc="purify", dynamic_ncols=True) as progress:
         for batch_files, images in _readable_batches(files, size, resize, batch_size, report):
             with torch.no_grad():
                 purified = purifier(images.to(device))
             for path, image in zip(batch_files, purified):
-                save_png(image, (output_dir / path.relative_to(input_dir)).with_suffix(OUTPUT_SUFFIX))
+                save_png(image, output_dir / _output_name(path, input_dir))
             report.written += len(batch_files)
             progress.update(len(batch_files))
     return report

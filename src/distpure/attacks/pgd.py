@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import check_labels, check_unit_images
+
 
 @dataclass
 class PGDConfig:
@@ -40,6 +42,7 @@ class PGDConfig:
 
 def attack_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-sample loss the attacker maximises: cross-entropy, or the CW margin max_{j≠y} z_j - z_y."""
+    check_labels(labels, len(logits), logits.shape[-1])
     logits = logits.float()
     if kind == "ce":
         return F.cross_entropy(logits, labels, reduction="none")
@@ -52,7 +55,9 @@ def attack_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         config: PGDConfig | None = None) -> torch.Tensor:
-    """Adversarial examples within the ε-ball of ``images`` (clipped to [0, 1])."""
+    """Adversarial examples within the ε-ball of ``images`` (clipped to [0, 1]); images outside
+    [0, 1] or labels outside the model's outputs are a ValueError (labels: at the first forward)."""
+    check_unit_images(images)
     config = config or PGDConfig()
     generator = torch.Generator().manual_seed(config.seed)
     delta = _random_start(images, config, generator) if config.random_start else torch.zeros_like(images)

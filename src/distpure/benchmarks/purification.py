@@ -139,8 +139,36 @@ def run_benchmark(config: BenchConfig) -> dict:
         for checkpointed in (False, True):
             key = f"gradient_{steps}_steps_{'checkpointed' if checkpointed else 'plain'}"
             result[key] = gradient_step_cost(steps, checkpointed)
+    result["checkpointed_memory_ratio_100_vs_10"] = (
+        result["gradient_100_steps_checkpointed"]["peak_extra_mb"]
+        / max(1e-9, result["gradient_10_steps_checkpointed"]["peak_extra_mb"]))
     result["unet_gflops_per_image"] = unet_flops(fast_purifier, 1) / 1e9
     result["unet_flops_per_second"] = unet_flops_per_second(fast_purifier)
     result["matmul_bf16_flops_per_second"] = matmul_flops_per_second()
     result["unet_fraction_of_matmul"] = result["unet_flops_per_second"] / result["matmul_bf16_flops_per_second"]
     return result
+
+
+def format_benchmark(result: dict) -> str:
+    """The benchmark as a short human-readable report with the ratios up front."""
+    fast, reference = result["fast_accuracy"], result["reference_accuracy"]
+    lines = [
+        f"purification throughput: fast {result['fast_images_per_second']:.2f} img/s, "
+        f"reference (DiffPure recipe) {result['reference_images_per_second']:.3f} img/s "
+        f"-> speed-up {result['speedup']:.1f}x",
+        f"accuracy, fast vs reference: clean {100 * fast['clean']:.1f} vs {100 * reference['clean']:.1f} %, "
+        f"transfer PGD {100 * fast['transfer_robust']:.1f} vs {100 * reference['transfer_robust']:.1f} %",
+    ]
+    for steps in (10, 100):
+        plain = result[f"gradient_{steps}_steps_plain"]
+        checkpointed = result[f"gradient_{steps}_steps_checkpointed"]
+        lines.append(f"exact gradient, {steps} steps: plain {plain['seconds']:.1f} s / "
+                     f"{plain['peak_extra_mb']:.0f} MB, checkpointed {checkpointed['seconds']:.1f} s / "
+                     f"{checkpointed['peak_extra_mb']:.0f} MB")
+    lines.append(f"checkpointed peak memory, 100 vs 10 steps: "
+                 f"{result['checkpointed_memory_ratio_100_vs_10']:.2f}x")
+    lines.append(f"UNet forward: {result['unet_gflops_per_image']:.2f} GFLOP/image, "
+                 f"{result['unet_flops_per_second'] / 1e9:.0f} GFLOP/s = "
+                 f"{100 * result['unet_fraction_of_matmul']:.0f} % of the bf16 matmul rate "
+                 f"({result['matmul_bf16_flops_per_second'] / 1e9:.0f} GFLOP/s)")
+    return "\n".join(lines)

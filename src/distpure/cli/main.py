@@ -113,8 +113,9 @@ def _purify_arguments(parser: argparse.ArgumentParser) -> None:
 @command("purify", "purify a folder of images into PNGs", _purify_arguments)
 def _purify(args: argparse.Namespace) -> int:
     from ..defenses.recommended import load_defense
-    from ..io import purify_folder
+    from ..io import list_image_files, purify_folder
 
+    list_image_files(args.input_dir)  # a missing or empty folder fails before the models load
     defense = load_defense(args.dataset, args.guidance, device=args.device, **parse_overrides(args.set))
     report = purify_folder(defense.purifier, args.input_dir, args.output_dir, resize=args.resize)
     print(f"purified {report.written} image(s) into {args.output_dir}")
@@ -198,6 +199,22 @@ def _bench_adm(args: argparse.Namespace) -> int:
 
     cost = measure_adm_cost(repeats=args.repeats)
     print(json.dumps(asdict(cost), indent=2) if args.json else format_cost(cost))
+    return 0
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+    _overrides_argument(parser)
+
+
+@command("bench", "fast purification vs the DiffPure recipe; attack cost; FLOP/s", _bench_arguments)
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from ..benchmarks.purification import BenchConfig, format_benchmark, run_benchmark
+
+    result = run_benchmark(from_dict(BenchConfig, parse_overrides(args.set)))
+    print(json.dumps(result, indent=2) if args.json else format_benchmark(result))
     return 0
 
 

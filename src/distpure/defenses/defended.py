@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import check_unit_images
 from .purifier import Purifier
 
 
@@ -21,6 +22,7 @@ class DefendedClassifier(nn.Module):
         self.votes = votes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_unit_images(images)
         if self.purifier is None:
             return self.victim(images)
         if self.votes == 1:

@@ -17,6 +17,7 @@ from ..devices import autocast
 from ..models.diffusion import DiffusionModel
 from ..sampling.reverse import StepCoefficients, predict_x0, reverse_step, step_coefficients
 from ..sampling.schedule import forward_diffuse, resolve_t_star, reverse_timesteps
+from ..validation import check_unit_images
 from .guidance import Guidance, GuidanceState, build_guidance
 
 
@@ -80,8 +81,10 @@ class Purifier(nn.Module):
         self._generator.manual_seed(seed)
 
     def forward(self, images: torch.Tensor, noise: PurificationNoise | None = None) -> torch.Tensor:
-        """Purify ``images`` in chunks of ``batch_size``; ``noise`` fixes the randomness if given."""
+        """Purify ``images`` in chunks of ``batch_size``; ``noise`` fixes the randomness if given.
+        Any float dtype is accepted; the work and the output are in the diffusion model's dtype."""
         _check_images(images, self.diffusion)
+        images = images.to(next(self.diffusion.parameters()).dtype)
         if noise is not None:
             return self._purify(images, noise)
         generator = (torch.Generator().manual_seed(self.config.seed)
@@ -159,10 +162,9 @@ class Purifier(nn.Module):
 
 def _check_images(images: torch.Tensor, diffusion: DiffusionModel) -> None:
     """Refuse inputs the diffusion model cannot purify, naming what is wrong."""
+    check_unit_images(images)
     if images.ndim != 4:
         raise ValueError(f"expected images of shape N x C x H x W, got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"expected float images in [0, 1], got dtype {images.dtype}")
     if images.shape[1] != diffusion.image_channels:
         raise ValueError(f"images have {images.shape[1]} channels; the diffusion model "
                          f"expects {diffusion.image_channels}")
@@ -170,9 +172,3 @@ def _check_images(images: torch.Tensor, diffusion: DiffusionModel) -> None:
     if tuple(images.shape[2:]) != (size, size):
         raise ValueError(f"images are {images.shape[2]}x{images.shape[3]}; the diffusion model "
                          f"works at {size}x{size} (resize or crop first)")
-    with torch.no_grad():
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or Inf values")
-        low, high = float(images.min()), float(images.max())
-    if low < 0.0 or high > 1.0:
-        raise ValueError(f"images must lie in [0, 1]; got values in [{low:.3g}, {high:.3g}]")

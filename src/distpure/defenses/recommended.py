@@ -1,11 +1,12 @@
 """Ready-to-use defences on the embedded defaults (what ``distpure demo`` measures)."""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
+from ..config import from_dict
 from ..devices import resolve_device
 from ..models.classifiers import load_classifier
 from ..models.diffusion import DiffusionModel, load_diffusion
@@ -32,7 +33,7 @@ def recommended_purifier_config(dataset: str, guidance: str = "victim", **overri
     """The tuned purifier settings for ``dataset`` (``PurifierConfig`` defaults for a dataset
     without a recommendation, e.g. a plain image folder) with the given guidance."""
     base = RECOMMENDED[dataset]["purifier"] if dataset in RECOMMENDED else PurifierConfig()
-    return replace(base, guidance=guidance, **overrides)
+    return from_dict(PurifierConfig, {**asdict(base), "guidance": guidance, **overrides})  # names bad keys
 
 
 def build_purified_classifier(victim: nn.Module, diffusion: DiffusionModel,

@@ -50,6 +50,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
     clock = RunClock(run_dir / "metadata.json")
     data = load_experiment_data(config)
     defenses = build_defenses(config, device)
+    check_compatible(config, data, defenses, device)
     done = {record_key(r) for r in _existing_records(run_dir)}
     batches = list(enumerate(range(0, len(data), config.batch_size)))
     work = [(b, start) for b, start in batches if shard.owns(b)]
@@ -81,6 +82,31 @@ def load_experiment_data(config: ExperimentConfig) -> LabelledImages:
     data_config = config.data
     root = data_config.root or default_data_root() / DEFAULT_DATA_FOLDERS.get(data_config.dataset, "")
     return load_dataset(data_config.dataset, root, data_config.split, data_config.limit, data_config.seed)
+
+
+def check_compatible(config: ExperimentConfig, data: LabelledImages,
+                     defenses: dict[str, DefendedClassifier], device: torch.device) -> None:
+    """Before any work: every classifier has one output per class of the data, and every
+    diffusion model works at the data's channels and resolution (the error names both)."""
+    if len(data) == 0:
+        raise ValueError(f"the {config.data.dataset} data holds no images (data.limit = {config.data.limit})")
+    sample = data.images[:1].to(device)
+    classes = max(len(data.classes), int(data.labels.max()) + 1)
+    for spec in config.defenses:
+        defense = defenses[spec.name]
+        diffusion = getattr(defense.purifier, "diffusion", None)
+        if diffusion is not None and tuple(sample.shape[1:]) != (
+                diffusion.image_channels, diffusion.sample_size, diffusion.sample_size):
+            raise ValueError(f"defence {spec.name!r}: diffusion model {config.models.diffusion!r} works on "
+                             f"{diffusion.image_channels} x {diffusion.sample_size}x{diffusion.sample_size} "
+                             f"images but the {config.data.dataset} images are "
+                             f"{sample.shape[1]} x {sample.shape[2]}x{sample.shape[3]}")
+        with torch.no_grad():
+            outputs = defense.victim(sample).shape[-1]
+        if outputs != classes:
+            name = spec.classifier if spec.kind == "classifier" else config.models.victim
+            raise ValueError(f"defence {spec.name!r}: classifier {name!r} has {outputs} outputs but the "
+                             f"{config.data.dataset} data has {classes} classes")
 
 
 def build_defenses(config: ExperimentConfig, device: torch.device) -> dict[str, DefendedClassifier]:

@@ -15,6 +15,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from .diffusion import DiffusionModel
+from .weights import load_state_dict
 
 # Flags of the public 256x256 unconditional ImageNet model (``256x256_diffusion_uncond.pt``).
 ADM_256_UNCOND_FLAGS: dict[str, Any] = {
@@ -291,22 +292,10 @@ def _flags_beside(checkpoint: Path) -> dict[str, Any]:
     return ADM_256_UNCOND_FLAGS
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a ``.pt`` state dict (safe unpickling only)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise ValueError(f"{path}: expected a guided-diffusion state dict (name -> tensor)")
-    return state_dict
-
-
 def load_adm_checkpoint(path: str | Path, flags: dict[str, Any] | None = None) -> DiffusionModel:
     """Load a guided-diffusion checkpoint; flags default to a config beside it, else the 256 uncond model."""
     path = Path(path)
-    return adm_to_diffusion(_read_state_dict(path), _flags_beside(path) if flags is None else flags)
+    return adm_to_diffusion(load_state_dict(path), _flags_beside(path) if flags is None else flags)
 
 
 def convert_adm(checkpoint: str | Path, out_dir: str | Path, flags: dict[str, Any] | None = None

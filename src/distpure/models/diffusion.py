@@ -74,10 +74,24 @@ class DiffusionModel(nn.Module):
         unet_dir = directory / "unet" if (directory / "unet" / "config.json").is_file() else directory
         scheduler_dir = (directory / "scheduler"
                          if (directory / "scheduler" / "scheduler_config.json").is_file() else directory)
+        _refuse_links_out_of(directory, (unet_dir, scheduler_dir))
         unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32, use_safetensors=True,
                                            low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
         return cls(unet.float(), scheduler).eval()
+
+
+def _refuse_links_out_of(directory: Path, folders: tuple[Path, ...]) -> None:
+    """Refuse config or weights files of ``folders`` that resolve outside ``directory`` (a hub
+    cache snapshot, ``<repo>/snapshots/<revision>``, may link into its own ``<repo>``)."""
+    root = directory.resolve()
+    if root.parent.name == "snapshots":
+        root = root.parent.parent
+    for folder in folders:
+        for file in folder.iterdir():
+            if file.suffix in (".json", ".safetensors") and not file.resolve().is_relative_to(root):
+                raise ValueError(f"{file}: links to {file.resolve()}, outside the model directory "
+                                 f"{directory}; refusing to load it")
 
 
 def _copy_as(module: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -25,20 +25,28 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path), device="cpu")
     else:
-        state = _torch_load_weights_only(path)
+        state = torch_load_weights_only(path)
     return _strip_prefix(_unwrap(state, path), "module.")
 
 
-def _torch_load_weights_only(path: Path) -> object:
+def torch_load_weights_only(path: Path) -> object:
+    """``torch.load(weights_only=True)`` on CPU; a hostile or unreadable file is a ValueError naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(
-            f"{path}: refused to load; the file holds Python objects beyond tensors, and "
-            "unpickling them could execute arbitrary code. Re-save it as a plain state dict "
-            "(torch.save(model.state_dict(), ...)) or as safetensors.") from error
+            f"{path}: refused to load ({_reason(error)}); the file is not a plain checkpoint of "
+            "tensors, and unpickling it could execute arbitrary code. Re-save it as a plain state "
+            "dict (torch.save(model.state_dict(), ...)) or as safetensors.") from error
     except (RuntimeError, EOFError, OSError) as error:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+
+
+def _reason(error: Exception) -> str:
+    """The specific line of torch's weights-only error (e.g. the blocked global), not its boilerplate."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    specific = [line for line in lines[1:] if not line.startswith(("Check the documentation", "Please file"))]
+    return (specific or lines or [type(error).__name__])[0]
 
 
 def _unwrap(state: object, path: Path) -> dict[str, torch.Tensor]:

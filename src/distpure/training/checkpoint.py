@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ..models.weights import torch_load_weights_only
+
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` so that ``path`` always holds either the old or the new complete file."""
@@ -21,11 +23,13 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
 
 
 def load_if_exists(path: str | Path) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` (safe unpickling), or None when there is none yet."""
+    """The checkpoint at ``path`` (safe unpickling), or None when there is none yet.
+
+    A torn ``path.tmp`` left by a killed save is never read: only a completed save is renamed."""
     path = Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch_load_weights_only(path)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
