@@ -38,7 +38,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {pair!r}: {part!r} already has a value, so it cannot be a section")
+                raise ValueError(f"override {pair!r}: {part!r} already has a value, "
+                                 "so it cannot be a section")
         try:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError as error:
@@ -77,6 +78,8 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
             if not isinstance(value, dict):
                 raise ValueError(f"{cls.__name__}.{name} is a section: expected a mapping, got {value!r}")
             value = from_dict(kind, value)
+        elif typing.get_origin(kind) is list and not isinstance(value, list):
+            raise ValueError(f"{cls.__name__}.{name} is a list: expected [...], got {value!r}")
         elif isinstance(value, dict) and not _takes_mapping(kind):
             raise ValueError(f"{cls.__name__}.{name} is a single setting, not a section "
                              f"(got sub-keys {', '.join(map(str, value))})")
@@ -87,10 +90,11 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
 
 
 def _takes_mapping(kind: Any) -> bool:
-    """Whether a field annotated ``kind`` accepts a dict (``dict``, ``dict[...]``, ``Any`` or a union with one)."""
+    """Whether a field annotated ``kind`` takes a dict (``dict[...]``, ``Any``, a union with one)."""
     if kind is dict or kind is Any or typing.get_origin(kind) is dict:
         return True
-    return typing.get_origin(kind) in (typing.Union, types.UnionType) and any(map(_takes_mapping, typing.get_args(kind)))
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    return union and any(map(_takes_mapping, typing.get_args(kind)))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

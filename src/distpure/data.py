@@ -116,20 +116,26 @@ def load_image_folder(root: str | Path, n: int | None = None, seed: int = 0,
     """Load a class-per-folder image tree (optionally a seeded subset of n images)."""
     items, classes = list_class_folder(root)
     chosen = [items[i] for i in subset_indices(len(items), n, seed).tolist()]
-    images = _stack_same_size([read_image(path, size) for path, _ in chosen], [p for p, _ in chosen])
+    images = _read_same_size([path for path, _ in chosen], size)
     labels = torch.tensor([label for _, label in chosen], dtype=torch.long)
     return LabelledImages(images, labels, classes, tuple(str(p) for p, _ in chosen))
 
 
-def _stack_same_size(images: list[torch.Tensor], paths: list[Path]) -> torch.Tensor:
-    """One N x 3 x H x W tensor, or a DataError naming the first image whose size differs."""
-    if not images:
+def _read_same_size(paths: list[Path], size: int | None) -> torch.Tensor:
+    """One N x 3 x H x W tensor filled in place (no second copy of the data while loading), or a
+    DataError naming the first image whose size differs."""
+    if not paths:
         return torch.empty(0, 3, 0, 0)
-    for image, path in zip(images, paths):
-        if image.shape != images[0].shape:
+    first = read_image(paths[0], size)
+    images = torch.empty(len(paths), *first.shape)
+    images[0] = first
+    for i, path in enumerate(paths[1:], start=1):
+        image = read_image(path, size)
+        if image.shape != first.shape:
             raise DataError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but {paths[0]} is "
-                            f"{images[0].shape[2]}x{images[0].shape[1]}; pass size= to resize them")
-    return torch.stack(images)
+                            f"{first.shape[2]}x{first.shape[1]}; pass size= to resize them")
+        images[i] = image
+    return images
 
 
 def load_cifar10(root: str | Path, split: str = "test", n: int | None = None,

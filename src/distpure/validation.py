@@ -22,9 +22,10 @@ def check_unit_images(images: torch.Tensor) -> None:
 
 def check_labels(labels: torch.Tensor, num_images: int, num_classes: int) -> None:
     """Refuse labels that are not one integer class index in [0, num_classes) per image."""
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool \
-            or labels.is_complex():
-        raise TypeError(f"expected integer class labels, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    kind = getattr(labels, "dtype", type(labels).__name__)
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool:
+        raise TypeError(f"expected integer class labels, got {kind}")
     if tuple(labels.shape) != (num_images,):
         raise ValueError(f"expected {num_images} labels (one per image), got shape {tuple(labels.shape)}")
     low, high = int(labels.min()), int(labels.max())

@@ -38,8 +38,9 @@ def torch_load_weights_only(path: Path) -> object:
             f"{path}: refused to load ({_reason(error)}); the file is not a plain checkpoint of "
             "tensors, and unpickling it could execute arbitrary code. Re-save it as a plain state "
             "dict (torch.save(model.state_dict(), ...)) or as safetensors.") from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+    except Exception as error:  # a garbled file fails inside the unpickler in many ways
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: "
+                         f"{str(error)[:200]})") from error
 
 
 def _reason(error: Exception) -> str:

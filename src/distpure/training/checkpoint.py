@@ -29,12 +29,22 @@ def load_if_exists(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return None
-    return torch_load_weights_only(path)
+    state = torch_load_weights_only(path)
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{path}: not a distpure training checkpoint (no step); move it away to restart")
+    return state
 
 
-def rng_state() -> dict[str, torch.Tensor]:
-    return {"torch": torch.get_rng_state()}
+def rng_state() -> dict[str, Any]:
+    """The global CPU generator's state, and every CUDA device's when there are any."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
-def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Undo ``rng_state``; CUDA states are restored when the same number of devices is present."""
     torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and len(state.get("cuda", ())) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

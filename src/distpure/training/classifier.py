@@ -15,11 +15,11 @@ import torch.nn.functional as F
 
 from ..attacks.pgd import PGDConfig, pgd
 from ..attacks.suite import parse_epsilon
-from ..devices import autocast, resolve_device
+from ..devices import autocast
 from ..models.classifiers import CLASSIFIERS
 from ..models.weights import save_state_dict
 from .batches import random_batch, training_set
-from .loop import LoopSettings, run_loop
+from .loop import LoopSettings, run_loop, start_run
 
 
 @dataclass
@@ -51,11 +51,7 @@ class ClassifierTrainingConfig:
 
 def train_classifier(config: ClassifierTrainingConfig) -> Path:
     """Train (or resume) and return the exported ``model.safetensors`` (float16)."""
-    device = resolve_device(config.device)
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
-    torch.manual_seed(config.seed)
+    device, out = start_run(config)
     images, labels = training_set(config.data_root)
     model = CLASSIFIERS.build(config.arch).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=0.9,

@@ -6,17 +6,17 @@ Purification only visits small noise levels, so training may restrict timesteps 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..devices import autocast, resolve_device
+from ..devices import autocast
 from ..models.diffusion import DiffusionModel, default_scheduler, small_unet
 from .batches import random_batch, training_set
 from .ema import EMA
-from .loop import LoopSettings, run_loop
+from .loop import LoopSettings, run_loop, start_run
 
 
 @dataclass
@@ -43,11 +43,7 @@ class DiffusionTrainingConfig:
 
 def train_diffusion(config: DiffusionTrainingConfig) -> Path:
     """Train (or resume) and return the directory of the exported EMA model."""
-    device = resolve_device(config.device)
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
-    torch.manual_seed(config.seed)
+    device, out = start_run(config)
 
     images, labels = training_set(config.data_root)
     unet = small_unet(32, config.channels, config.layers_per_block, config.attention).to(device)

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+import torch
 from tqdm import tqdm
+
+from ..devices import resolve_device
 
 from .checkpoint import load_if_exists, restore_rng_state, rng_state, save_atomic
 
@@ -24,6 +27,15 @@ class LoopSettings:
     max_minutes: float | None
     checkpoint_every: int
     description: str
+
+
+def start_run(config) -> tuple[torch.device, Path]:
+    """Resolve the device, create the output folder with the run's config, seed the RNG."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    torch.manual_seed(config.seed)
+    return resolve_device(config.device), out
 
 
 def run_loop(settings: LoopSettings, state: dict[str, Stateful], train_step: Callable[[int], float],
