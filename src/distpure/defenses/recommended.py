@@ -17,7 +17,7 @@ RECOMMENDED: dict[str, dict] = {
     "cifar10": {
         "victim": "cifar10-resnet18",
         "diffusion": "cifar10-ddpm-small",
-        "purifier": PurifierConfig(t_star=100, num_steps=10, victim_scale=3.0),
+        "purifier": PurifierConfig(t_star=75, num_steps=10, victim_scale=10.0),
     },
     # DiffPure's ImageNet setting (t* = 0.15 of the schedule) with OpenAI's 256x256 ADM model;
     # the checkpoint cannot ship with the package: point ``diffusion`` at your local copy.
