@@ -19,14 +19,13 @@ from ..devices import autocast
 from ..models.classifiers import CLASSIFIERS
 from ..models.weights import save_state_dict
 from .batches import random_batch, training_set
-from .loop import LoopSettings, run_loop, start_run
+from .loop import LoopSettings, TrainingRunConfig, run_loop, start_run
 
 
 @dataclass
-class ClassifierTrainingConfig:
+class ClassifierTrainingConfig(TrainingRunConfig):
     """A classifier training run; ``adversarial`` is ``none`` or ``pgd``."""
 
-    data_root: str = "../shared/data/cifar10-jpeg"
     output_dir: str = "runs/train-classifier"
     arch: str = "cifar10-small-resnet"
     adversarial: str = "pgd"
@@ -36,12 +35,6 @@ class ClassifierTrainingConfig:
     batch_size: int = 128
     learning_rate: float = 0.1
     weight_decay: float = 5e-4
-    steps: int = 20_000
-    max_minutes: float | None = None
-    checkpoint_every: int = 100
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "bf16"
 
     def __post_init__(self) -> None:
         if self.adversarial not in ("none", "pgd"):

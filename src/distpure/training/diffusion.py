@@ -16,14 +16,13 @@ from ..devices import autocast
 from ..models.diffusion import DiffusionModel, default_scheduler, small_unet
 from .batches import random_batch, training_set
 from .ema import EMA
-from .loop import LoopSettings, run_loop, start_run
+from .loop import LoopSettings, TrainingRunConfig, run_loop, start_run
 
 
 @dataclass
-class DiffusionTrainingConfig:
-    """Everything that defines a training run; stored in the checkpoint and the output folder."""
+class DiffusionTrainingConfig(TrainingRunConfig):
+    """Everything that defines a diffusion training run; stored in the output folder."""
 
-    data_root: str = "../shared/data/cifar10-jpeg"
     output_dir: str = "runs/train-diffusion"
     channels: tuple[int, ...] = (64, 128, 256)
     layers_per_block: int = 1
@@ -34,11 +33,6 @@ class DiffusionTrainingConfig:
     warmup_steps: int = 250
     ema_decay: float = 0.999
     steps: int = 100_000
-    max_minutes: float | None = None
-    checkpoint_every: int = 100
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "bf16"
 
 
 def train_diffusion(config: DiffusionTrainingConfig) -> Path:

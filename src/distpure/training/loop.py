@@ -15,6 +15,20 @@ from ..devices import resolve_device
 from .checkpoint import load_if_exists, restore_rng_state, rng_state, save_atomic
 
 
+@dataclass
+class TrainingRunConfig:
+    """Settings every resumable training run shares (trainers subclass it)."""
+
+    data_root: str = "../shared/data/cifar10-jpeg"
+    output_dir: str = "runs/train"
+    steps: int = 20_000
+    max_minutes: float | None = None
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "bf16"
+
+
 class Stateful(Protocol):
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> object: ...
