@@ -2,7 +2,6 @@
 either a valid result or a ValueError / TypeError that names the problem, never anything else."""
 from __future__ import annotations
 
-import io
 from functools import lru_cache
 
 import numpy as np

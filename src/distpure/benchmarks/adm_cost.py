@@ -9,13 +9,7 @@ of the process's resident set during the forward (Linux ``VmHWM``, reset just be
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import re
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable
 
 import torch
 from diffusers import UNet2DModel
@@ -26,13 +20,13 @@ from ..defenses.recommended import RECOMMENDED
 from ..devices import autocast
 from ..models.adm import ADM_256_UNCOND_FLAGS, adm_scheduler, adm_unet_config
 from ..models.diffusion import DiffusionModel
+from .resources import measure, status_kib
 
 # GPU estimate: A100 dense bf16 tensor-core peak and an assumed sustained fraction of it.
 A100_BF16_FLOPS = 312e12
 ASSUMED_GPU_UTILISATION = 0.4
 # One exact gradient through a checkpointed reverse step: forward, recomputation, backward (~2).
 GRADIENT_FORWARD_EQUIVALENTS = 4
-STATUS = Path("/proc/self/status")
 
 
 @dataclass(frozen=True)
@@ -96,35 +90,6 @@ def forward_flops(batch: int = 1) -> int:
     return int(counter.get_total_flops())
 
 
-def _status_kib(field_name: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (None off Linux)."""
-    if not STATUS.is_file():
-        return None
-    match = re.search(rf"^{field_name}:\s+(\d+) kB", STATUS.read_text(), re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def _reset_peak_rss() -> bool:
-    """Return freed heap to the OS and reset the resident-set high-water mark (Linux, glibc)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def measure(run: Callable[[], object]) -> tuple[float, float | None]:
-    """(wall seconds, resident-set growth in MiB or None) of one call of ``run``."""
-    before = _status_kib("VmRSS") if _reset_peak_rss() else None
-    start = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM")
-    return seconds, None if before is None or peak is None else (peak - before) / 1024
-
-
 def time_forward(model: DiffusionModel, precision: str, batch: int = 1,
                  repeats: int = 1) -> tuple[float, float | None]:
     """Fastest of ``repeats`` no-grad forwards under ``precision`` autocast, and its memory growth."""
@@ -147,7 +112,7 @@ def measure_adm_cost(repeats: int = 1, plan: EvaluationPlan | None = None) -> AD
     fp32_seconds, fp32_memory = time_forward(model, "fp32", repeats=repeats)
     bf16_seconds, bf16_memory = time_forward(model, "bf16", repeats=repeats)
     forwards = plan.images * plan.forwards_per_image()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return ADMCost(
         parameters=parameters, weights_mib=parameters * 4 / 2**20, forward_flops=flops,
         threads=torch.get_num_threads(), fp32_seconds=fp32_seconds, bf16_seconds=bf16_seconds,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from ..data import default_data_root, load_cifar10
 from ..defenses.defended import DefendedClassifier
 from ..defenses.purifier import Purifier, PurifierConfig
 from ..defenses.recommended import load_defense
+from .resources import measure
 
 
 @dataclass
@@ -103,17 +103,9 @@ def _gradient_step_in_process(num_steps: int, checkpointed: bool, batch: int) ->
     defended = load_defense("cifar10", "victim", num_steps=num_steps, checkpoint_steps=checkpointed)
     images = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     labels = torch.zeros(batch, dtype=torch.long)
-    baseline = _resident_bytes()
-    start = time.perf_counter()
-    pgd(defended, images, labels, PGDConfig(steps=1, keep_best=False))
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "peak_extra_mb": (peak - baseline) / 2**20}))
-
-
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    seconds, peak_extra_mib = measure(lambda: pgd(defended, images, labels,
+                                                  PGDConfig(steps=1, keep_best=False)))
+    print(json.dumps({"seconds": seconds, "peak_extra_mb": peak_extra_mib}))
 
 
 def run_benchmark(config: BenchConfig) -> dict:

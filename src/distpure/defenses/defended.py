@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..validation import check_unit_images
-from .purifier import Purifier
 
 
 class DefendedClassifier(nn.Module):
