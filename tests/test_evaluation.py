@@ -76,7 +76,8 @@ BATCH_SIZE = 4
 DEFENSES = [{"name": "none", "kind": "none"},
             {"name": "purified", "kind": "purifier", "purifier": {"t_star": 20, "num_steps": 2}}]
 ATTACKS = [{"name": "clean", "kind": "clean"},
-           {"name": "pgd", "kind": "pgd", "eps": "8/255", "steps": 1}]
+           {"name": "transfer", "kind": "transfer", "eps": "8/255", "steps": 1},
+           {"name": "pgd", "kind": "pgd", "eps": "8/255", "steps": 1, "start_from": "transfer"}]
 TOTAL_RECORDS = 2 * IMAGES_PER_CLASS * len(DEFENSES) * len(ATTACKS)
 
 
@@ -225,6 +226,35 @@ def test_summary_rows_in_config_order():
     assert "75.0 [30.1, 95.4]" in table and " - " in table
 
 
+def test_worst_case_counts_a_sample_robust_only_if_it_survives_every_attack_of_its_threat_model():
+    config = ExperimentConfig(
+        defenses=[DefenseConfig("d", kind="none")],
+        attacks=[AttackConfig("clean", kind="clean"), AttackConfig("a", steps=5),
+                 AttackConfig("b", kind="bpda", steps=7, eot=3), AttackConfig("l2", norm="l2", eps=0.5)])
+    outcomes = {"clean": [1, 1, 1, 1], "a": [1, 0, 1, 1], "b": [1, 1, 0, 1], "l2": [0, 0, 0, 0]}
+    records = [{"index": i, "defense": "d", "attack": attack, "correct": bool(value)}
+               for attack, values in outcomes.items() for i, value in enumerate(values)]
+    rows = {r["attack"]: r for r in summarize(records, config)["rows"]}
+    worst = rows["worst-case"]  # one group (L-inf 8/255): a and b; l2 alone and clean do not count
+    assert (worst["correct"], worst["total"]) == (2, 4)
+    assert worst["over"] == ["a", "b"] and (worst["steps"], worst["eot"]) == (7, 3)
+    assert (rows["a"]["correct"], rows["b"]["correct"]) == (3, 3)
+    two_groups = ExperimentConfig(defenses=config.defenses,
+                                  attacks=[*config.attacks, AttackConfig("l2-bpda", kind="bpda", norm="l2", eps=0.5)])
+    names = [r["attack"] for r in summarize(records, two_groups)["rows"] if r["kind"] == "worst-case"]
+    assert names == ["worst-case-linf-0.0313725", "worst-case-l2-0.5"]
+
+
+@pytest.mark.parametrize("attacks, message", [
+    ([{"name": "p", "start_from": "t"}, {"name": "t", "kind": "transfer"}], "must name an attack listed before"),
+    ([{"name": "t", "kind": "transfer"}, {"name": "p", "start_from": "t", "eps": "4/255"}], "another threat model"),
+    ([{"name": "t", "kind": "transfer"}, {"name": "p", "kind": "autoattack", "start_from": "t"}], "PGD-based"),
+])
+def test_bad_warm_starts_are_refused(attacks, message):
+    with pytest.raises(ValueError, match=message):
+        ExperimentConfig(defenses=[DefenseConfig("d", kind="none")], attacks=attacks)
+
+
 # ----------------------------------------------------------------------------- records
 
 def _record(index: int, defense: str = "d", attack: str = "a") -> dict:
@@ -331,7 +361,7 @@ def test_reference_run_is_complete(reference_run):
     metadata = json.loads((reference_run / "metadata.json").read_text())
     assert metadata["processes"] == 1 and metadata["seed"] == 0
     examples = sorted(p.name for p in (reference_run / "examples").iterdir())
-    assert examples == [f"{d['name']}__{a['name']}.safetensors" for d in DEFENSES for a in ATTACKS]
+    assert examples == sorted(f"{d['name']}__{a['name']}.safetensors" for d in DEFENSES for a in ATTACKS)
 
 
 def test_killed_run_resumes_to_identical_results(assets, config_path, reference_run, tmp_path):
@@ -397,8 +427,8 @@ def test_report_of_a_finished_run(reference_run, capsys):
     path = write_report(reference_run)
     assert path == reference_run / "report.md"
     text = path.read_text()
-    header = "| defence | " + " | ".join(a["name"] for a in ATTACKS) + " |"
-    assert header in text
+    header = "| defence | " + " | ".join(a["name"] for a in ATTACKS) + " | worst-case |"
+    assert header in text and "**worst-case**: per sample, robust only if it survives every one of transfer, pgd" in text
     for defense in DEFENSES:
         assert f"\n| {defense['name']} | " in text
     summary = json.loads((reference_run / "summary.json").read_text())
@@ -411,7 +441,11 @@ def test_report_of_a_finished_run(reference_run, capsys):
 
     with open(reference_run / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == len(DEFENSES) * len(ATTACKS)
+    assert len(rows) == len(DEFENSES) * (len(ATTACKS) + 1)  # + the worst case over transfer and pgd
+    worst = {r["defense"]: r for r in rows if r["kind"] == "worst-case"}
+    for defense in ("none", "purified"):
+        survived = {r["attack"]: int(r["correct"]) for r in rows if r["defense"] == defense}
+        assert int(worst[defense]["correct"]) <= min(survived["transfer"], survived["pgd"])
     purified = next(r for r in rows if r["defense"] == "purified" and r["attack"] == "pgd")
     assert (purified["t_star"], purified["num_steps"], purified["guidance"]) == ("20", "2", "victim")
     assert float(purified["accuracy"]) == next(
@@ -426,7 +460,7 @@ def test_report_of_a_finished_run(reference_run, capsys):
 
     assert main(["report", str(reference_run), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["finished"] and data["samples"] == 12 and len(data["rows"]) == 4
+    assert data["finished"] and data["samples"] == 12 and len(data["rows"]) == len(rows)
     assert [(r["defense"], r["attack"], r["accuracy"]) for r in data["rows"]] == \
         [(r["defense"], r["attack"], r["accuracy"]) for r in summary["rows"]]
     assert main(["report", str(reference_run)]) == 0

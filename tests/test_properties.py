@@ -77,18 +77,28 @@ def test_purifier_purifies_or_refuses(shape, dtype, kind, seed):
 @given(n=st.integers(1, 3), norm=st.sampled_from(["linf", "l2"]), eps=st.floats(0.0, 0.5),
        steps=st.integers(0, 3), random_start=st.booleans(), keep_best=st.booleans(),
        loss=st.sampled_from(["ce", "margin"]), kind=st.sampled_from(["unit", "zeros-and-ones"]),
-       seed=st.integers(0, 2**16))
-def test_pgd_stays_in_the_ball_and_the_box(n, norm, eps, steps, random_start, keep_best, loss, kind, seed):
+       warm_start=st.booleans(), momentum=st.sampled_from([0.0, 0.9]), seed=st.integers(0, 2**16))
+def test_pgd_stays_in_the_ball_and_the_box(n, norm, eps, steps, random_start, keep_best, loss, kind,
+                                           warm_start, momentum, seed):
     images = _values((n, 3, 8, 8), kind, seed).float()
     labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(seed))
     config = PGDConfig(norm=norm, eps=eps, steps=steps, random_start=random_start,
-                       keep_best=keep_best, loss=loss, seed=seed)
-    adversarial = pgd(_victim(), images, labels, config)
+                       keep_best=keep_best, loss=loss, momentum=momentum, seed=seed)
+    start = torch.rand(images.shape, generator=torch.Generator().manual_seed(seed)) if warm_start else None
+    adversarial = pgd(_victim(), images, labels, config, start=start)
     delta = (adversarial - images).flatten(1)
     assert adversarial.shape == images.shape
     assert adversarial.min() >= 0 and adversarial.max() <= 1
     size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
     assert (size <= eps * (1 + 1e-5) + 1e-6).all(), (size, eps)
+
+
+def test_pgd_warm_start_is_the_first_iterate_projected_into_the_ball():
+    images = torch.full((2, 3, 8, 8), 0.5)
+    start = images + torch.tensor([0.1, -0.01]).view(2, 1, 1, 1)
+    labels = torch.tensor([0, 1])
+    adversarial = pgd(_victim(), images, labels, PGDConfig(eps=0.05, steps=0), start=start)
+    assert torch.allclose(adversarial[0], images[0] + 0.05) and torch.allclose(adversarial[1], start[1])
 
 
 @lru_cache(maxsize=None)

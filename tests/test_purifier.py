@@ -423,3 +423,25 @@ def test_defended_classifier_single_vote_and_no_purifier(tiny_diffusion, tiny_vi
                            tiny_victim(purifier(tiny_images)))
     with pytest.raises(ValueError, match="votes must be at least 1"):
         DefendedClassifier(tiny_victim, purifier, votes=0)
+
+
+# --- speed options ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["channels_last", "compile"])
+def test_speed_options_do_not_change_the_purification(tiny_diffusion, tiny_victim, tiny_images, option):
+    """NHWC layout and torch.compile are pure speed-ups: same noise, same output and gradient."""
+    diffusion = copy.deepcopy(tiny_diffusion)  # channels_last converts the model in place
+    plain = make_purifier(diffusion, tiny_victim, guidance="victim")
+    fast = make_purifier(diffusion, tiny_victim, guidance="victim", **{option: True})
+    noise = fixed_noise(plain, tiny_images.shape)
+    images = tiny_images.clone().requires_grad_(True)
+    outputs, gradients = [], []
+    for purifier in (plain, fast):
+        output = purifier(images, noise)
+        gradients.append(torch.autograd.grad(output.pow(2).sum(), images)[0])
+        outputs.append(output.detach())
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-5)
+    assert "_compiled" not in dict(diffusion.named_modules())
+    assert set(diffusion.state_dict()) == set(tiny_diffusion.state_dict())

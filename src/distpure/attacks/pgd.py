@@ -2,6 +2,8 @@
 
 The model may be stochastic (a purification defence): each step averages the loss gradient over
 ``eot`` forward passes, and the iterate with the highest mean loss so far is kept per sample.
+``momentum`` (MI-FGSM, Dong et al. 2018) also averages normalised gradients across steps, which
+costs nothing and steadies the direction when single draws' gradients barely agree.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class PGDConfig:
     loss: Literal["ce", "margin"] = "ce"
     random_start: bool = True
     keep_best: bool = True
+    momentum: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -34,6 +37,8 @@ class PGDConfig:
             raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
         if self.eps < 0 or self.steps < 0 or self.eot < 1:
             raise ValueError("eps and steps must be non-negative and eot at least 1")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
     @property
     def alpha(self) -> float:
@@ -54,22 +59,32 @@ def attack_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.
 
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-        config: PGDConfig | None = None) -> torch.Tensor:
+        config: PGDConfig | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
     """Adversarial examples within the ε-ball of ``images`` (clipped to [0, 1]); images outside
-    [0, 1] or labels outside the model's outputs are a ValueError (labels: at the first forward)."""
+    [0, 1] or labels outside the model's outputs are a ValueError (labels: at the first forward).
+
+    ``start`` (e.g. a transfer attack's examples) is the first iterate instead of a random point,
+    projected into the ball; warm starts keep a costly adaptive attack from wasting its steps."""
     check_unit_images(images)
     config = config or PGDConfig()
     generator = torch.Generator().manual_seed(config.seed)
-    delta = _random_start(images, config, generator) if config.random_start else torch.zeros_like(images)
+    if start is not None:
+        delta = _project(start.to(images) - images, images, config)
+    elif config.random_start:
+        delta = _random_start(images, config, generator)
+    else:
+        delta = torch.zeros_like(images)
     best = (images + delta).detach()
     best_loss = torch.full((len(images),), float("-inf"), device=images.device)
+    direction = torch.zeros_like(images)
     for _ in range(config.steps):
         loss, gradient = _expected_loss_and_gradient(model, images + delta, labels, config)
         if config.keep_best:
             improved = loss > best_loss
             best[improved] = (images + delta).detach()[improved]
             best_loss = torch.where(improved, loss, best_loss)
-        delta = _project(delta + config.alpha * _ascent_direction(gradient, config.norm), images, config)
+        direction = config.momentum * direction + _unit_l1(gradient) if config.momentum else gradient
+        delta = _project(delta + config.alpha * _ascent_direction(direction, config.norm), images, config)
     final = (images + delta).detach()
     if not config.keep_best or config.steps == 0:
         return final
@@ -91,6 +106,12 @@ def _expected_loss_and_gradient(model, x, labels, config, need_gradient=True):
             total_gradient += torch.autograd.grad(loss.sum(), x)[0]
         total_loss += loss.detach()
     return total_loss / config.eot, total_gradient / config.eot
+
+
+def _unit_l1(gradient: torch.Tensor) -> torch.Tensor:
+    """Each sample's gradient divided by its mean absolute value (MI-FGSM's normalisation)."""
+    scale = gradient.abs().flatten(1).mean(1).clamp_min(1e-12)
+    return gradient / scale.view(-1, *[1] * (gradient.ndim - 1))
 
 
 def _ascent_direction(gradient: torch.Tensor, norm: str) -> torch.Tensor:

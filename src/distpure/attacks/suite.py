@@ -5,7 +5,8 @@ gradients through the whole defence, checkpointed per reverse step, with EOT), `
 (the defence's backward pass is the identity, with EOT), ``surrogate`` (exact gradients through
 a cheaper purification than the one evaluated), ``autoattack`` (standard or rand).
 With ``frozen_noise`` the defence's randomness is drawn once and shared by attack and
-evaluation (deterministic white-box threat model).
+evaluation (deterministic white-box threat model). ``start_from`` names another attack of the
+experiment whose examples are the first iterate (e.g. adaptive PGD warm-started from transfer).
 """
 from __future__ import annotations
 
@@ -38,20 +39,26 @@ class AttackConfig:
     step_size: float | None = None
     eot: int = 1
     loss: str = "ce"
+    momentum: float = 0.0
     frozen_noise: bool = False
+    checkpoint: bool = True
     surrogate: dict = field(default_factory=dict)
     version: str = "standard"
     attacks_to_run: list[str] | None = None
+    start_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ATTACK_KINDS:
             raise ValueError(f"attack {self.name!r}: unknown kind {self.kind!r}; "
                              f"expected one of {', '.join(ATTACK_KINDS)}")
+        if self.start_from is not None and self.kind in ("clean", "autoattack"):
+            raise ValueError(f"attack {self.name!r}: start_from applies to PGD-based attacks, "
+                             f"not {self.kind!r}")
         self.eps = parse_epsilon(self.eps)
 
     def pgd_config(self, seed: int) -> PGDConfig:
         return PGDConfig(norm=self.norm, eps=self.eps, steps=self.steps, step_size=self.step_size,
-                         eot=self.eot, loss=self.loss, seed=seed)
+                         eot=self.eot, loss=self.loss, momentum=self.momentum, seed=seed)
 
 
 def evaluation_model(defense: DefendedClassifier, attack: AttackConfig, seed: int) -> DefendedClassifier:
@@ -64,12 +71,13 @@ def evaluation_model(defense: DefendedClassifier, attack: AttackConfig, seed: in
 
 
 def craft(attack: AttackConfig, defense: DefendedClassifier, images: torch.Tensor,
-          labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """Adversarial examples for ``defense`` under ``attack`` (images in [0, 1])."""
+          labels: torch.Tensor, seed: int, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Adversarial examples for ``defense`` under ``attack`` (images in [0, 1]); PGD-based
+    attacks begin at ``start`` when it is given."""
     if attack.kind == "clean":
         return images
     if attack.kind == "transfer":
-        return pgd(defense.victim, images, labels, attack.pgd_config(seed))
+        return pgd(defense.victim, images, labels, attack.pgd_config(seed), start)
     if attack.kind == "autoattack":
         from .autoattack import run_autoattack
 
@@ -77,7 +85,7 @@ def craft(attack: AttackConfig, defense: DefendedClassifier, images: torch.Tenso
                               norm="Linf" if attack.norm == "linf" else "L2", eps=attack.eps,
                               version=attack.version, eot_iter=attack.eot, seed=seed,
                               attacks_to_run=attack.attacks_to_run)
-    return pgd(_attacked_model(attack, defense, seed), images, labels, attack.pgd_config(seed))
+    return pgd(_attacked_model(attack, defense, seed), images, labels, attack.pgd_config(seed), start)
 
 
 def _attacked_model(attack: AttackConfig, defense: DefendedClassifier, seed: int) -> nn.Module:
@@ -94,9 +102,10 @@ def _attacked_model(attack: AttackConfig, defense: DefendedClassifier, seed: int
 
 
 def _attack_variant(purifier: nn.Module, attack: AttackConfig, seed: int, **overrides) -> nn.Module:
-    """The purifier as the attacker runs it: checkpointed, with its own (or the frozen) noise."""
+    """The purifier as the attacker runs it: checkpointed per reverse step (unless the attack
+    turns it off, trading memory for about 1.8x speed), with its own (or the frozen) noise."""
     if not hasattr(purifier, "variant"):
         return purifier
     attacker_seed = seed if attack.frozen_noise else seed + 1
-    return purifier.variant(checkpoint_steps=True, frozen_noise=attack.frozen_noise,
+    return purifier.variant(checkpoint_steps=attack.checkpoint, frozen_noise=attack.frozen_noise,
                             seed=attacker_seed, **overrides)

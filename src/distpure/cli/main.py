@@ -19,7 +19,7 @@ def command(name: str, help_text: str, arguments: Callable[[argparse.ArgumentPar
 
 
 def _overrides_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="override settings, e.g. --set steps=2000 data.limit=64")
 
 

@@ -77,6 +77,20 @@ class ExperimentConfig:
                 raise ValueError(f"{kind} names must be unique, got {names}")
         if not self.defenses or not self.attacks:
             raise ValueError("an experiment needs at least one defence and one attack")
+        for index, attack in enumerate(self.attacks):
+            if attack.start_from is not None:
+                _check_start(attack, {a.name: a for a in self.attacks[:index]})
+
+
+def _check_start(attack: AttackConfig, earlier: dict[str, AttackConfig]) -> None:
+    """A warm start must come from an attack listed before, under the same threat model."""
+    start = earlier.get(attack.start_from)
+    if start is None:
+        raise ValueError(f"attack {attack.name!r}: start_from {attack.start_from!r} must name an "
+                         f"attack listed before it ({', '.join(earlier) or 'none'})")
+    if (start.norm, start.eps) != (attack.norm, attack.eps):
+        raise ValueError(f"attack {attack.name!r}: start_from {attack.start_from!r} has another "
+                         "threat model (norm and eps must match)")
 
 
 def load_experiment(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:

@@ -60,13 +60,13 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
                                                    desc=config.name, dynamic_ncols=True) as progress:
         for batch_index, start in work:
             indices = list(range(start, min(start + config.batch_size, len(data))))
-            transfer_cache: dict[str, torch.Tensor] = {}
+            crafted: dict[tuple[str, str], torch.Tensor] = {}
             for defense_config, attack in pairs:
                 keys = [(i, defense_config.name, attack.name) for i in indices]
                 if not all(key in done for key in keys):
                     records = _evaluate_batch(config, defenses[defense_config.name], defense_config,
                                               attack, data, indices, batch_index, device, run_dir,
-                                              transfer_cache)
+                                              crafted)
                     writer.write(records)
                 progress.update(1)
             if shard.is_main:
@@ -139,20 +139,12 @@ def _build_defense(spec: DefenseConfig, config: ExperimentConfig, victim, diffus
 def _evaluate_batch(config: ExperimentConfig, defense: DefendedClassifier, spec: DefenseConfig,
                     attack: AttackConfig, data: LabelledImages, indices: list[int],
                     batch_index: int, device: torch.device, run_dir: Path,
-                    transfer_cache: dict[str, torch.Tensor]) -> list[dict]:
-    """Attack one batch and score the defended predictions (fresh or frozen randomness).
-
-    Transfer examples do not depend on the defence, so they are crafted once per batch."""
+                    crafted: dict[tuple[str, str], torch.Tensor]) -> list[dict]:
+    """Attack one batch and score the defended predictions (fresh or frozen randomness)."""
     images = data.images[indices].to(device)
     labels = data.labels[indices].to(device)
     seed = seed_for(config.seed, spec.name, attack.name, batch_index)
-    if attack.kind == "transfer":
-        if attack.name not in transfer_cache:
-            transfer_seed = seed_for(config.seed, attack.name, batch_index)
-            transfer_cache[attack.name] = craft(attack, defense, images, labels, transfer_seed).detach()
-        adversarial = transfer_cache[attack.name]
-    else:
-        adversarial = craft(attack, defense, images, labels, seed).detach()
+    adversarial = _adversarial_examples(config, defense, spec, attack, images, labels, batch_index, crafted)
     scorer = evaluation_model(defense, attack, seed + 2)
     with torch.no_grad():
         predictions = scorer(adversarial).argmax(1)
@@ -161,6 +153,23 @@ def _evaluate_batch(config: ExperimentConfig, defense: DefendedClassifier, spec:
     return [{"index": i, "defense": spec.name, "attack": attack.name, "label": int(y),
              "prediction": int(p), "correct": bool(p == y)}
             for i, y, p in zip(indices, labels.tolist(), predictions.tolist())]
+
+
+def _adversarial_examples(config: ExperimentConfig, defense: DefendedClassifier, spec: DefenseConfig,
+                          attack: AttackConfig, images: torch.Tensor, labels: torch.Tensor,
+                          batch_index: int, crafted: dict[tuple[str, str], torch.Tensor]) -> torch.Tensor:
+    """One batch's examples for ``attack``, crafted once per batch and reused (as a warm start,
+    or across defences for transfer attacks, which do not depend on the defence). Seeds depend
+    only on names and the batch, so recrafting after a resume gives the same examples."""
+    owner = "" if attack.kind == "transfer" else spec.name
+    if (owner, attack.name) not in crafted:
+        start = None
+        if attack.start_from is not None:
+            source = next(a for a in config.attacks if a.name == attack.start_from)
+            start = _adversarial_examples(config, defense, spec, source, images, labels, batch_index, crafted)
+        seed = seed_for(config.seed, *filter(None, [owner, attack.name]), batch_index)
+        crafted[owner, attack.name] = craft(attack, defense, images, labels, seed, start).detach()
+    return crafted[owner, attack.name]
 
 
 def _save_examples(run_dir: Path, defense: str, attack: str, images, adversarial, scorer) -> None:

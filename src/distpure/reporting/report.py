@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..evaluation.config import DefenseConfig, ExperimentConfig, load_experiment
 from ..evaluation.records import read_records, record_key
-from ..evaluation.summary import summarize
+from ..evaluation.summary import summarize, worst_cases
 
 RESULTS = "results.jsonl"
 REPORT = "report.md"
@@ -205,7 +205,7 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
               f"batch size {config.batch_size}",
               f"- models: victim `{config.models.victim}`, diffusion `{config.models.diffusion}`", ""]
 
-    attacks = [a.name for a in config.attacks]
+    attacks = [a.name for a in config.attacks] + list(worst_cases(config))
     table_rows = [[d.name, *(_main_cell(run.row(d.name, a)) for a in attacks)] for d in config.defenses]
     lines += ["## Accuracy", "",
               *_table(["defence", *attacks], table_rows, ["---", *[":---:"] * len(attacks)]), "",
@@ -219,10 +219,12 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
     lines += ["", "### Attacks", ""]
     lines += [f"- **{a.name}**: {_threat_model(run.row(config.defenses[0].name, a.name))}"
               for a in config.attacks]
+    lines += [f"- **{name}**: per sample, robust only if it survives every one of "
+              f"{', '.join(a.name for a in group)}" for name, group in worst_cases(config).items()]
 
     long_rows = [[r["defense"], r["attack"], r["kind"], NORM_LABELS.get(r["norm"], r["norm"]),
                   _format_eps(r["eps"], r["norm"]) if r["kind"] != "clean" else "–",
-                  r["steps"] if r["kind"] not in ("clean",) else "–", r["eot"],
+                  r["steps"] if r["kind"] not in ("clean", "worst-case") else "–", r["eot"],
                   _settings_text(run.settings[r["defense"]], run.defenses[r["defense"]]),
                   f"{r['correct']} / {r['total']}",
                   f"{100 * r['accuracy']:.1f}" if r["total"] else "–",

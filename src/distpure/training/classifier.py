@@ -58,7 +58,8 @@ def train_classifier(config: ClassifierTrainingConfig) -> Path:
         x, y = random_batch(images, labels, config.batch_size, device, crop_padding=4)
         if config.adversarial == "pgd":
             model.eval()
-            x = pgd(model, x, y, PGDConfig(**{**asdict(attack), "seed": step}))
+            with autocast(device, config.precision):
+                x = pgd(model, x, y, PGDConfig(**{**asdict(attack), "seed": step}))
         model.train()
         with autocast(device, config.precision):
             loss = F.cross_entropy(model(x).float(), y)
