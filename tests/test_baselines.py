@@ -153,3 +153,20 @@ def test_autoattack_rand_with_eot_attacks_a_stochastic_defence(images: torch.Ten
                                  attacks_to_run=["apgd-ce"])
     assert (adversarial - images).abs().max() <= eps + 1e-6
     assert _accuracy(model, adversarial, labels) < 1.0
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_noise_is_shared_by_attacker_and_evaluation(tiny_diffusion, tiny_victim, tiny_images, frozen):
+    """Deterministic white-box: the examples are scored with the very noise they were crafted
+    against; with fresh randomness the evaluation draws are the attacker's unknown."""
+    from distpure.attacks.suite import AttackConfig, _attacked_model, evaluation_model
+    from distpure.defenses.purifier import Purifier, PurifierConfig
+
+    purifier = Purifier(tiny_diffusion, PurifierConfig(t_star=50, num_steps=3, precision="fp32",
+                                                       guidance="victim"), victim=tiny_victim)
+    defense = DefendedClassifier(tiny_victim, purifier)
+    attack = AttackConfig("white-box", kind="pgd", frozen_noise=frozen)
+    with torch.no_grad():
+        attacker_view = _attacked_model(attack, defense, seed=11).purifier(tiny_images)
+        scored = evaluation_model(defense, attack, seed=11).purifier(tiny_images)
+    assert torch.equal(attacker_view, scored) == frozen

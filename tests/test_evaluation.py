@@ -299,6 +299,19 @@ def test_write_sorted_is_canonical(tmp_path):
 
 # ----------------------------------------------------------------------------- configs
 
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda path: path.stem)
+def test_shipped_configs_are_valid_and_name_known_models(path):
+    """Every experiment under configs/ parses and names registered classifiers (or files)."""
+    from distpure.models.classifiers import CLASSIFIERS
+
+    config = load_experiment(path)
+    assert config.name == path.stem
+    names = [config.models.victim, *(d.classifier for d in config.defenses if d.kind == "classifier")]
+    assert all(name in CLASSIFIERS or Path(name).suffix for name in names), names
+
 @pytest.mark.parametrize("change, culprit", [
     ({"batchsize": 4}, "batchsize"),
     ({"data": {"dataset": "cifar10", "limt": 3}}, "limt"),

@@ -61,12 +61,24 @@ class AttackConfig:
                          eot=self.eot, loss=self.loss, momentum=self.momentum, seed=seed)
 
 
+def defence_seed(attack: AttackConfig, seed: int, role: str) -> int:
+    """Seed of the defence's noise for the ``attack`` or the ``evaluation`` role: frozen noise
+    is one draw shared by both; otherwise each role has its own stream, so that the attacker
+    never sees the draws its examples are scored with."""
+    if role not in ("attack", "evaluation"):
+        raise ValueError(f"role must be 'attack' or 'evaluation', got {role!r}")
+    if attack.frozen_noise:
+        return seed
+    return seed + (1 if role == "attack" else 2)
+
+
 def evaluation_model(defense: DefendedClassifier, attack: AttackConfig, seed: int) -> DefendedClassifier:
-    """The defence whose prediction is scored: fresh randomness from ``seed``, or frozen noise."""
+    """The defence whose prediction is scored, for examples crafted with ``seed``: fresh
+    randomness, or the attacker's frozen noise."""
     purifier = defense.purifier
     if purifier is None or not hasattr(purifier, "variant"):
         return defense
-    variant = purifier.variant(seed=seed, frozen_noise=attack.frozen_noise)
+    variant = purifier.variant(seed=defence_seed(attack, seed, "evaluation"), frozen_noise=attack.frozen_noise)
     return DefendedClassifier(defense.victim, variant, defense.votes)
 
 
@@ -106,6 +118,5 @@ def _attack_variant(purifier: nn.Module, attack: AttackConfig, seed: int, **over
     turns it off, trading memory for about 1.8x speed), with its own (or the frozen) noise."""
     if not hasattr(purifier, "variant"):
         return purifier
-    attacker_seed = seed if attack.frozen_noise else seed + 1
     return purifier.variant(checkpoint_steps=attack.checkpoint, frozen_noise=attack.frozen_noise,
-                            seed=attacker_seed, **overrides)
+                            seed=defence_seed(attack, seed, "attack"), **overrides)

@@ -30,6 +30,8 @@ class BenchConfig:
     accuracy_images: int = 512
     reference_batch_size: int = 32
     fast_batch_size: int = 256
+    gradient_batch_size: int = 8
+    gradient_steps: tuple[int, int] = (10, 100)
     seed: int = 0
 
 
@@ -89,7 +91,7 @@ def matmul_flops_per_second(size: int = 4096, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def gradient_step_cost(num_steps: int, checkpointed: bool, batch: int = 8) -> dict[str, float]:
+def gradient_step_cost(num_steps: int, checkpointed: bool, batch: int) -> dict[str, float]:
     """Wall time and peak memory of one exact input gradient through the defence, measured in a
     fresh subprocess so that peak resident memory belongs to this measurement alone."""
     code = (f"from distpure.benchmarks.purification import _gradient_step_in_process as g; "
@@ -122,18 +124,24 @@ def run_benchmark(config: BenchConfig) -> dict:
     result["fast_images_per_second"] = images_per_second(fast_purifier, sample)
     result["reference_images_per_second"] = images_per_second(reference_purifier, sample)
     result["speedup"] = result["fast_images_per_second"] / result["reference_images_per_second"]
+    # why the fast path keeps NCHW on CPU: the same path in channels-last layout
+    result["fast_channels_last_images_per_second"] = images_per_second(
+        fast_purifier.variant(channels_last=True), sample)
+    fast_purifier.diffusion.to(memory_format=torch.contiguous_format)
     adversarial = pgd(fast.victim, data.images, data.labels, PGDConfig(steps=20))
     for name, purifier in (("fast", fast_purifier), ("reference", reference_purifier)):
         purifier.reseed(config.seed)
         result[f"{name}_accuracy"] = accuracies(DefendedClassifier(fast.victim, purifier),
                                                 data.images, data.labels, adversarial)
-    for steps in (10, 100):
+    few, many = config.gradient_steps
+    for steps in (few, many):
         for checkpointed in (False, True):
             key = f"gradient_{steps}_steps_{'checkpointed' if checkpointed else 'plain'}"
-            result[key] = gradient_step_cost(steps, checkpointed)
-    result["checkpointed_memory_ratio_100_vs_10"] = (
-        result["gradient_100_steps_checkpointed"]["peak_extra_mb"]
-        / max(1e-9, result["gradient_10_steps_checkpointed"]["peak_extra_mb"]))
+            result[key] = gradient_step_cost(steps, checkpointed, config.gradient_batch_size)
+    result["gradient_steps"] = [few, many]
+    result[f"checkpointed_memory_ratio_{many}_vs_{few}"] = (
+        result[f"gradient_{many}_steps_checkpointed"]["peak_extra_mb"]
+        / max(1e-9, result[f"gradient_{few}_steps_checkpointed"]["peak_extra_mb"]))
     result["unet_gflops_per_image"] = unet_flops(fast_purifier, 1) / 1e9
     result["unet_flops_per_second"] = unet_flops_per_second(fast_purifier)
     result["matmul_bf16_flops_per_second"] = matmul_flops_per_second()
@@ -150,15 +158,17 @@ def format_benchmark(result: dict) -> str:
         f"-> speed-up {result['speedup']:.1f}x",
         f"accuracy, fast vs reference: clean {100 * fast['clean']:.1f} vs {100 * reference['clean']:.1f} %, "
         f"transfer PGD {100 * fast['transfer_robust']:.1f} vs {100 * reference['transfer_robust']:.1f} %",
+        f"fast path in channels-last layout: {result['fast_channels_last_images_per_second']:.2f} img/s",
     ]
-    for steps in (10, 100):
+    few, many = result["gradient_steps"]
+    for steps in (few, many):
         plain = result[f"gradient_{steps}_steps_plain"]
         checkpointed = result[f"gradient_{steps}_steps_checkpointed"]
         lines.append(f"exact gradient, {steps} steps: plain {plain['seconds']:.1f} s / "
                      f"{plain['peak_extra_mb']:.0f} MB, checkpointed {checkpointed['seconds']:.1f} s / "
                      f"{checkpointed['peak_extra_mb']:.0f} MB")
-    lines.append(f"checkpointed peak memory, 100 vs 10 steps: "
-                 f"{result['checkpointed_memory_ratio_100_vs_10']:.2f}x")
+    lines.append(f"checkpointed peak memory, {many} vs {few} steps: "
+                 f"{result[f'checkpointed_memory_ratio_{many}_vs_{few}']:.2f}x")
     lines.append(f"UNet forward: {result['unet_gflops_per_image']:.2f} GFLOP/image, "
                  f"{result['unet_flops_per_second'] / 1e9:.0f} GFLOP/s = "
                  f"{100 * result['unet_fraction_of_matmul']:.0f} % of the bf16 matmul rate "

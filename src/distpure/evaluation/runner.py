@@ -145,7 +145,7 @@ def _evaluate_batch(config: ExperimentConfig, defense: DefendedClassifier, spec:
     labels = data.labels[indices].to(device)
     seed = seed_for(config.seed, spec.name, attack.name, batch_index)
     adversarial = _adversarial_examples(config, defense, spec, attack, images, labels, batch_index, crafted)
-    scorer = evaluation_model(defense, attack, seed + 2)
+    scorer = evaluation_model(defense, attack, seed)
     with torch.no_grad():
         predictions = scorer(adversarial).argmax(1)
     if batch_index == 0:

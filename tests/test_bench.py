@@ -1,0 +1,33 @@
+"""``distpure bench`` end to end at toy sizes: every figure present, finite and consistent."""
+from __future__ import annotations
+
+import json
+import math
+
+from distpure.benchmarks.purification import BenchConfig, format_benchmark, run_benchmark
+from distpure.cli.main import main
+
+
+def test_bench_reports_every_figure(require_shared, capsys):
+    require_shared("data/cifar10-jpeg")
+    config = BenchConfig(throughput_images=2, accuracy_images=4, reference_batch_size=4,
+                         fast_batch_size=4, gradient_batch_size=1, gradient_steps=(2, 4))
+    result = run_benchmark(config)
+    assert result["reference_config"]["num_steps"] is None and result["reference_config"]["precision"] == "fp32"
+    assert result["fast_config"]["num_steps"] == 10 and result["fast_config"]["precision"] == "bf16"
+    assert result["speedup"] == result["fast_images_per_second"] / result["reference_images_per_second"]
+    assert result["speedup"] > 1  # 10 bf16 steps against every one of the t* fp32 steps
+    for path in ("fast", "reference"):
+        assert set(result[f"{path}_accuracy"]) == {"clean", "transfer_robust"}
+        assert all(value in (0, 0.25, 0.5, 0.75, 1) for value in result[f"{path}_accuracy"].values())
+    for key in ("gradient_2_steps_plain", "gradient_4_steps_checkpointed"):
+        assert result[key]["seconds"] > 0
+    assert result["checkpointed_memory_ratio_4_vs_2"] > 0
+    assert 0 < result["unet_fraction_of_matmul"] < 10 and result["unet_gflops_per_image"] > 0.1
+    text = format_benchmark(result)
+    assert "speed-up" in text and "4 vs 2 steps" in text
+    assert all(math.isfinite(v) for v in (result["fast_channels_last_images_per_second"],
+                                           result["unet_flops_per_second"]))
+    assert main(["bench", "--json", "--set", "throughput_images=1", "accuracy_images=1",
+                 "gradient_batch_size=1", "gradient_steps=[1,2]"]) == 0
+    assert json.loads(capsys.readouterr().out)["gradient_steps"] == [1, 2]
