@@ -3,6 +3,7 @@ and the reverse step against diffusers' DDIM and DDPM schedulers."""
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import shutil
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
+
+from conftest import make_tiny_diffusion, make_tiny_images, make_tiny_victim
 
 from distpure.defenses.defended import DefendedClassifier
 from distpure.defenses.purifier import PurificationNoise, Purifier, PurifierConfig
@@ -230,6 +233,34 @@ def test_checkpointed_gradient_equals_plain(tiny_diffusion, tiny_victim, tiny_im
     assert gradients[0].abs().sum() > 0
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-6, atol=1e-9)
 
+
+
+def _peak_gradient_memory(steps: int, checkpointed: bool, results) -> None:
+    """In a fresh process: resident-memory growth (MiB) of one exact gradient through a
+    victim-guided purification of 8 tiny images with ``steps`` reverse steps."""
+    from distpure.benchmarks.resources import measure
+
+    purifier = make_purifier(make_tiny_diffusion(), make_tiny_victim(), guidance="victim", t_star=200,
+                             num_steps=steps, checkpoint_steps=checkpointed)
+    images = make_tiny_images(8).requires_grad_(True)
+    results.put(measure(lambda: purifier(images).sum().backward())[1])
+
+
+def test_checkpointed_gradient_memory_does_not_grow_with_steps():
+    """The exact-gradient memory target on a tiny model: checkpointed, 24 steps need at most
+    1.5x the memory of 3 steps, while plain autograd at 24 steps needs several times more."""
+    context = multiprocessing.get_context("spawn")
+    peaks = {}
+    for steps, checkpointed in ((3, True), (24, True), (24, False)):
+        results = context.Queue()
+        child = context.Process(target=_peak_gradient_memory, args=(steps, checkpointed, results))
+        child.start()
+        peaks[steps, checkpointed] = results.get(timeout=300)
+        child.join()
+    if None in peaks.values():
+        pytest.skip("peak resident memory cannot be reset here (needs Linux /proc/self/clear_refs)")
+    assert peaks[24, True] <= 1.5 * peaks[3, True], peaks
+    assert peaks[24, False] > 3 * peaks[24, True], peaks
 
 # --- input validation ------------------------------------------------------------------------------
 

@@ -30,8 +30,9 @@ class BenchConfig:
     accuracy_images: int = 512
     reference_batch_size: int = 32
     fast_batch_size: int = 256
-    gradient_batch_size: int = 8
+    gradient_batch_size: int = 4
     gradient_steps: tuple[int, int] = (10, 100)
+    gradient_t_star: int = 100
     seed: int = 0
 
 
@@ -91,18 +92,20 @@ def matmul_flops_per_second(size: int = 4096, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def gradient_step_cost(num_steps: int, checkpointed: bool, batch: int) -> dict[str, float]:
-    """Wall time and peak memory of one exact input gradient through the defence, measured in a
-    fresh subprocess so that peak resident memory belongs to this measurement alone."""
+def gradient_step_cost(t_star: int, num_steps: int, checkpointed: bool, batch: int) -> dict[str, float]:
+    """Wall time and peak memory of one exact input gradient through a ``num_steps`` purification
+    from ``t_star``, measured in a fresh subprocess so that peak resident memory belongs to this
+    measurement alone."""
     code = (f"from distpure.benchmarks.purification import _gradient_step_in_process as g; "
-            f"g({num_steps}, {checkpointed}, {batch})")
+            f"g({t_star}, {num_steps}, {checkpointed}, {batch})")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, env={**os.environ, "TQDM_DISABLE": "1"}).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
-def _gradient_step_in_process(num_steps: int, checkpointed: bool, batch: int) -> None:
-    defended = load_defense("cifar10", "victim", num_steps=num_steps, checkpoint_steps=checkpointed)
+def _gradient_step_in_process(t_star: int, num_steps: int, checkpointed: bool, batch: int) -> None:
+    defended = load_defense("cifar10", "victim", t_star=t_star, num_steps=num_steps,
+                            checkpoint_steps=checkpointed)
     images = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     labels = torch.zeros(batch, dtype=torch.long)
     seconds, peak_extra_mib = measure(lambda: pgd(defended, images, labels,
@@ -134,10 +137,15 @@ def run_benchmark(config: BenchConfig) -> dict:
         result[f"{name}_accuracy"] = accuracies(DefendedClassifier(fast.victim, purifier),
                                                 data.images, data.labels, adversarial)
     few, many = config.gradient_steps
+    if many > config.gradient_t_star:
+        raise ValueError(f"gradient_steps {many} exceeds gradient_t_star {config.gradient_t_star}: "
+                         "a purification cannot take more reverse steps than t* has DDPM steps")
+    result["gradient_t_star"] = config.gradient_t_star
     for steps in (few, many):
         for checkpointed in (False, True):
             key = f"gradient_{steps}_steps_{'checkpointed' if checkpointed else 'plain'}"
-            result[key] = gradient_step_cost(steps, checkpointed, config.gradient_batch_size)
+            result[key] = gradient_step_cost(config.gradient_t_star, steps, checkpointed,
+                                             config.gradient_batch_size)
     result["gradient_steps"] = [few, many]
     result[f"checkpointed_memory_ratio_{many}_vs_{few}"] = (
         result[f"gradient_{many}_steps_checkpointed"]["peak_extra_mb"]
@@ -164,7 +172,7 @@ def format_benchmark(result: dict) -> str:
     for steps in (few, many):
         plain = result[f"gradient_{steps}_steps_plain"]
         checkpointed = result[f"gradient_{steps}_steps_checkpointed"]
-        lines.append(f"exact gradient, {steps} steps: plain {plain['seconds']:.1f} s / "
+        lines.append(f"exact gradient, {steps} steps from t* = {result['gradient_t_star']}: plain {plain['seconds']:.1f} s / "
                      f"{plain['peak_extra_mb']:.0f} MB, checkpointed {checkpointed['seconds']:.1f} s / "
                      f"{checkpointed['peak_extra_mb']:.0f} MB")
     lines.append(f"checkpointed peak memory, {many} vs {few} steps: "

@@ -7,11 +7,11 @@ processes fit in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Iterator
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..devices import autocast
 from ..models.diffusion import DiffusionModel
@@ -19,6 +19,7 @@ from ..sampling.reverse import StepCoefficients, predict_x0, reverse_step, step_
 from ..sampling.schedule import forward_diffuse, resolve_t_star, reverse_timesteps
 from ..validation import check_unit_images
 from .guidance import Guidance, GuidanceState, build_guidance
+from .recompute import recomputed_in_backward
 
 
 @dataclass
@@ -118,11 +119,12 @@ class Purifier(nn.Module):
         for index, (t, t_prev) in enumerate(self._step_pairs()):
             c = step_coefficients(alphas_cumprod, t, t_prev)
             progress = index / max(1, len(self.timesteps) - 1)
-            args = (x, x_input, noise.steps[index].to(device), noise.targets[index].to(device))
+            step = partial(self._reverse_step, step_noise=noise.steps[index].to(device),
+                           target_noise=noise.targets[index].to(device), t=t, c=c, progress=progress)
             if self.config.checkpoint_steps and torch.is_grad_enabled():
-                x = checkpoint(self._reverse_step, *args, t, c, progress, use_reentrant=False)
+                x = recomputed_in_backward(step, x, x_input)
             else:
-                x = self._reverse_step(*args, t, c, progress)
+                x = step(x, x_input)
         return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def _step_pairs(self) -> Iterator[tuple[int, int]]:
