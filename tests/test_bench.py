@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from distpure.benchmarks.purification import BenchConfig, format_benchmark, run_benchmark
 from distpure.cli.main import main
 
@@ -31,3 +33,9 @@ def test_bench_reports_every_figure(require_shared, capsys):
     assert main(["bench", "--json", "--set", "throughput_images=1", "accuracy_images=1",
                  "gradient_batch_size=1", "gradient_steps=[1,2]"]) == 0
     assert json.loads(capsys.readouterr().out)["gradient_steps"] == [1, 2]
+
+
+def test_bench_refuses_more_gradient_steps_than_t_star():
+    with pytest.raises(ValueError, match="more reverse steps than t"):
+        BenchConfig(gradient_steps=(10, 200))
+    assert BenchConfig(gradient_steps=(10, 200), gradient_t_star=200).gradient_steps == (10, 200)

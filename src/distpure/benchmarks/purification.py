@@ -35,6 +35,13 @@ class BenchConfig:
     gradient_t_star: int = 100
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        few, many = self.gradient_steps
+        if not 1 <= few <= many <= self.gradient_t_star:
+            raise ValueError(f"gradient_steps must satisfy 1 <= few <= many <= gradient_t_star "
+                             f"({self.gradient_t_star}): a purification cannot take more reverse "
+                             f"steps than t* has DDPM steps; got {list(self.gradient_steps)}")
+
 
 def reference_config(fast: PurifierConfig, batch_size: int) -> PurifierConfig:
     """The DiffPure recipe: float32, every one of the t* DDPM steps, a small batch."""
@@ -137,9 +144,6 @@ def run_benchmark(config: BenchConfig) -> dict:
         result[f"{name}_accuracy"] = accuracies(DefendedClassifier(fast.victim, purifier),
                                                 data.images, data.labels, adversarial)
     few, many = config.gradient_steps
-    if many > config.gradient_t_star:
-        raise ValueError(f"gradient_steps {many} exceeds gradient_t_star {config.gradient_t_star}: "
-                         "a purification cannot take more reverse steps than t* has DDPM steps")
     result["gradient_t_star"] = config.gradient_t_star
     for steps in (few, many):
         for checkpointed in (False, True):
