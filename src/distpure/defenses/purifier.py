@@ -28,7 +28,7 @@ class PurifierConfig:
     or a ``+`` combination; ``num_steps=None`` runs every DDPM step from t*.
 
     Speed options that do not change the defence: ``precision`` (autocast: bf16 on CPU, bf16 or
-    fp16 on CUDA), ``channels_last`` (NHWC convolutions; faster on CUDA tensor cores, slower on
+    fp16 on CUDA), ``channels_last`` (NHWC convolutions; faster on CUDA tensor cores, no faster on
     this CPU; converts the diffusion model's weights in place) and ``compile`` (``torch.compile`` the denoiser once per process)."""
 
     t_star: int | float = 100
