@@ -26,7 +26,10 @@ def test_bench_reports_every_figure(require_shared, capsys):
         assert result[key]["seconds"] > 0
     assert result["checkpointed_memory_ratio_4_vs_2"] > 0
     assert 0 < result["unet_fraction_of_matmul"] < 10 and result["unet_gflops_per_image"] > 0.1
+    assert result["targets_met"]["speedup_at_least_10x"] == (result["speedup"] >= 10)
+    assert result["targets_met"]["unet_at_least_30_percent_of_matmul"] == (result["unet_fraction_of_matmul"] >= 0.3)
     text = format_benchmark(result)
+    assert "targets: speedup_at_least_10x" in text
     assert "speed-up" in text and "4 vs 2 steps" in text
     assert all(math.isfinite(v) for v in (result["fast_channels_last_images_per_second"],
                                            result["unet_flops_per_second"]))

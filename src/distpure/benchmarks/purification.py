@@ -158,7 +158,21 @@ def run_benchmark(config: BenchConfig) -> dict:
     result["unet_flops_per_second"] = unet_flops_per_second(fast_purifier)
     result["matmul_bf16_flops_per_second"] = matmul_flops_per_second()
     result["unet_fraction_of_matmul"] = result["unet_flops_per_second"] / result["matmul_bf16_flops_per_second"]
+    result["targets_met"] = targets_met(result)
     return result
+
+
+def targets_met(result: dict) -> dict[str, bool]:
+    """The performance issue's targets, each checked against this run's figures."""
+    few, many = result["gradient_steps"]
+    fast, reference = result["fast_accuracy"], result["reference_accuracy"]
+    return {
+        "speedup_at_least_10x": result["speedup"] >= 10,
+        "clean_within_2_points": abs(fast["clean"] - reference["clean"]) <= 0.02,
+        "transfer_robust_within_2_points": abs(fast["transfer_robust"] - reference["transfer_robust"]) <= 0.02,
+        "checkpointed_memory_at_most_1.5x": result[f"checkpointed_memory_ratio_{many}_vs_{few}"] <= 1.5,
+        "unet_at_least_30_percent_of_matmul": result["unet_fraction_of_matmul"] >= 0.3,
+    }
 
 
 def format_benchmark(result: dict) -> str:
@@ -185,4 +199,6 @@ def format_benchmark(result: dict) -> str:
                  f"{result['unet_flops_per_second'] / 1e9:.0f} GFLOP/s = "
                  f"{100 * result['unet_fraction_of_matmul']:.0f} % of the bf16 matmul rate "
                  f"({result['matmul_bf16_flops_per_second'] / 1e9:.0f} GFLOP/s)")
+    lines.append("targets: " + ", ".join(f"{name} {'yes' if met else 'NO'}"
+                                         for name, met in result["targets_met"].items()))
     return "\n".join(lines)
