@@ -29,7 +29,8 @@ class PurifierConfig:
 
     Speed options that do not change the defence: ``precision`` (autocast: bf16 on CPU, bf16 or
     fp16 on CUDA), ``channels_last`` (NHWC convolutions; faster on CUDA tensor cores, no faster on
-    this CPU; converts the diffusion model's weights in place) and ``compile`` (``torch.compile`` the denoiser once per process)."""
+    this CPU; converts the diffusion model's weights in place) and ``compile`` (``torch.compile``
+    the denoiser once per process)."""
 
     t_star: int | float = 100
     num_steps: int | None = 10
