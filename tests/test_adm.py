@@ -153,3 +153,22 @@ def test_convert_adm_cli(tiny_pt: Path, tiny: DiffusionModel, tmp_path: Path) ->
     (tmp_path / "config.json").unlink()
     assert main(["convert-adm", str(tiny_pt), str(tmp_path / "cli"), "--config", str(flags_json)]) == 0
     assert_same_model(DiffusionModel.from_pretrained(tmp_path / "cli"), tiny)
+
+
+def test_checkpoint_with_other_flags_says_how_to_pass_them(tmp_path: Path, capsys) -> None:
+    """With no config beside it, the tiny model meets the 256x256 model's flags: the error says
+    its flags differ and how to pass them (not the ~50 unmatched keys), and doing so works."""
+    checkpoint = tmp_path / "adm_tiny.safetensors"
+    checkpoint.write_bytes(fixture("adm_tiny_256.safetensors").read_bytes())
+    assert main(["convert-adm", str(checkpoint), str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert "256x256 unconditional model's flags" in message and "its flags differ" in message
+    assert "num_channels=32 where they say 256" in message and "input_blocks" not in message
+    assert "--config FLAGS.json" in message and str(tmp_path / "adm_tiny_config.json") in message
+    (tmp_path / "adm_tiny_config.json").write_text(json.dumps({"flags": tiny_flags()}))
+    assert main(["convert-adm", str(checkpoint), str(tmp_path / "out")]) == 0
+
+
+def test_wrong_flags_given_are_named_as_such(tiny_pt: Path) -> None:
+    with pytest.raises(ValueError, match="does not match the flags given: its flags differ"):
+        load_adm_checkpoint(tiny_pt, {**tiny_flags(), "num_res_blocks": 2})

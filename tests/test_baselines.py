@@ -138,35 +138,30 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> f
 def test_autoattack_apgd_ce_fools_a_linear_model_within_eps(images: torch.Tensor) -> None:
     victim, eps = _victim(), 4 / 255
     labels = victim(images).argmax(1).detach()
-    adversarial = run_autoattack(victim, images, labels, eps=eps, attacks_to_run=["apgd-ce"])
+    adversarial = run_autoattack(victim, images, labels, eps=eps, attacks_to_run=["apgd-ce"]).examples
     assert adversarial.shape == images.shape
     assert (adversarial - images).abs().max() <= eps + 1e-6
     assert adversarial.min() >= 0 and adversarial.max() <= 1
     assert _accuracy(victim, adversarial, labels) < _accuracy(victim, images, labels) == 1.0
 
 
+def _expected_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       draws: int = 16) -> float:
+    """Accuracy of a stochastic model averaged over ``draws`` independent calls."""
+    return sum(_accuracy(model, images, labels) for _ in range(draws)) / draws
+
+
 def test_autoattack_rand_with_eot_attacks_a_stochastic_defence(images: torch.Tensor) -> None:
-    victim, eps = _victim(), 4 / 255
-    model = DefendedClassifier(victim, build_preprocessing("resize-pad"))
-    labels = victim(images).argmax(1).detach()
-    adversarial = run_autoattack(model, images, labels, eps=eps, version="rand", eot_iter=2,
-                                 attacks_to_run=["apgd-ce"])
-    assert (adversarial - images).abs().max() <= eps + 1e-6
-    assert _accuracy(model, adversarial, labels) < 1.0
-
-
-@pytest.mark.parametrize("frozen", [True, False])
-def test_frozen_noise_is_shared_by_attacker_and_evaluation(tiny_diffusion, tiny_victim, tiny_images, frozen):
-    """Deterministic white-box: the examples are scored with the very noise they were crafted
-    against; with fresh randomness the evaluation draws are the attacker's unknown."""
-    from distpure.attacks.suite import AttackConfig, _attacked_model, evaluation_model
-    from distpure.defenses.purifier import Purifier, PurifierConfig
-
-    purifier = Purifier(tiny_diffusion, PurifierConfig(t_star=50, num_steps=3, precision="fp32",
-                                                       guidance="victim"), victim=tiny_victim)
-    defense = DefendedClassifier(tiny_victim, purifier)
-    attack = AttackConfig("white-box", kind="pgd", frozen_noise=frozen)
+    """The labels are the defence's own majority verdict on the clean images (the undefended
+    victim's are often not what resize-pad lets it predict), so the drop in accuracy, averaged
+    over draws, is the attack's doing."""
+    eps = 4 / 255
+    model = DefendedClassifier(_victim(), build_preprocessing("resize-pad", scale=1.04, seed=1))
     with torch.no_grad():
-        attacker_view = _attacked_model(attack, defense, seed=11).purifier(tiny_images)
-        scored = evaluation_model(defense, attack, seed=11).purifier(tiny_images)
-    assert torch.equal(attacker_view, scored) == frozen
+        labels = torch.stack([model(images).argmax(1) for _ in range(16)]).mode(0).values
+    clean = _expected_accuracy(model, images, labels)
+    adversarial = run_autoattack(model, images, labels, eps=eps, version="rand", eot_iter=2,
+                                 attacks_to_run=["apgd-ce"]).examples
+    attacked = _expected_accuracy(model, adversarial, labels)
+    assert (adversarial - images).abs().max() <= eps + 1e-6
+    assert clean >= 0.6 and attacked < clean - 0.3, (clean, attacked)

@@ -13,12 +13,21 @@ from distpure.cli.main import main
 def test_bench_reports_every_figure(require_shared, capsys):
     require_shared("data/cifar10-jpeg")
     config = BenchConfig(throughput_images=2, accuracy_images=4, reference_batch_size=4,
-                         fast_batch_size=4, gradient_batch_size=1, gradient_steps=(2, 4))
+                         fast_batch_size=4, gradient_batch_size=1, gradient_steps=(2, 4),
+                         flops_batch_size=2, matmul_size=256)
     result = run_benchmark(config)
     assert result["reference_config"]["num_steps"] is None and result["reference_config"]["precision"] == "fp32"
-    assert result["fast_config"]["num_steps"] == 10 and result["fast_config"]["precision"] == "bf16"
+    assert result["fast_config"]["num_steps"] == 10 and result["fast_config"]["precision"] == "auto"
+    resolved = result["hardware"]["resolved_precision"]
+    assert resolved == ("bf16" if result["hardware"]["native_bf16"] else "fp32")
+    # where the fast path runs in bf16, fp32 is measured beside it and the faster one named
+    assert ("fast_fp32_images_per_second" in result) == (resolved == "bf16")
+    if resolved == "bf16":
+        faster = max(("bf16", result["fast_images_per_second"]),
+                     ("fp32", result["fast_fp32_images_per_second"]), key=lambda pair: pair[1])[0]
+        assert result["faster_precision"] == faster
     assert result["speedup"] == result["fast_images_per_second"] / result["reference_images_per_second"]
-    assert result["speedup"] > 1  # 10 bf16 steps against every one of the t* fp32 steps
+    assert result["speedup"] > 1  # 10 steps against every one of the t* fp32 steps
     for path in ("fast", "reference"):
         assert set(result[f"{path}_accuracy"]) == {"clean", "transfer_robust"}
         assert all(value in (0, 0.25, 0.5, 0.75, 1) for value in result[f"{path}_accuracy"].values())
@@ -29,12 +38,14 @@ def test_bench_reports_every_figure(require_shared, capsys):
     assert result["targets_met"]["speedup_at_least_10x"] == (result["speedup"] >= 10)
     assert result["targets_met"]["unet_at_least_30_percent_of_matmul"] == (result["unet_fraction_of_matmul"] >= 0.3)
     text = format_benchmark(result)
+    assert text.startswith(f"precision {resolved} (auto) on cpu: {result['hardware']['cpu']}")
     assert "targets: speedup_at_least_10x" in text
     assert "speed-up" in text and "4 vs 2 steps" in text
     assert all(math.isfinite(v) for v in (result["fast_channels_last_images_per_second"],
                                            result["unet_flops_per_second"]))
     assert main(["bench", "--json", "--set", "throughput_images=1", "accuracy_images=1",
-                 "gradient_batch_size=1", "gradient_steps=[1,2]"]) == 0
+                 "gradient_batch_size=1", "gradient_steps=[1,2]", "flops_batch_size=1",
+                 "matmul_size=128"]) == 0
     assert json.loads(capsys.readouterr().out)["gradient_steps"] == [1, 2]
 
 

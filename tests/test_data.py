@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from distpure.data import (CIFAR10_CLASSES, DataError, load_cifar10, load_image_folder,
-                           load_imagenet30, read_image)
+from distpure.data import (CIFAR10_CLASSES, DataError, list_class_folder, load_cifar10,
+                           load_image_folder, load_imagenet30, read_image)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,46 @@ def test_cifar10_subset_is_seeded(cifar10_root: Path) -> None:
     assert a.paths == b.paths
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert a.paths != c.paths
+
+
+def test_cifar10_subset_keeps_its_seeded_random_order(cifar10_root: Path) -> None:
+    """A prefix of the evaluation order is a fair sample: the first 10 % of a 1,000-image subset
+    holds at least 6 classes (in the folders' class order it held airplanes only). A smaller
+    subset with the same seed is a prefix of a larger one, and every image keeps its dataset
+    index: its position in the folder listing."""
+    data = load_cifar10(cifar10_root, n=1000, seed=0, download=False)
+    assert len(set(data.labels[:100].tolist())) >= 6
+    first = load_cifar10(cifar10_root, n=100, seed=0, download=False)
+    assert first.paths == data.paths[:100] and torch.equal(first.indices, data.indices[:100])
+    listing, _ = list_class_folder(cifar10_root / "test")
+    assert [str(listing[i][0]) for i in data.indices.tolist()] == list(data.paths)
+
+
+def test_every_loader_returns_a_seeded_random_order(tmp_path: Path, monkeypatch) -> None:
+    """All images (n=None) come in seeded order too, from an image folder and from the original
+    CIFAR-10 release (a stand-in for torchvision's CIFAR10, class-ordered like the folders)."""
+    labels = [label for label in range(3) for _ in range(8)]
+    for i, label in enumerate(labels):
+        (tmp_path / "folder" / f"c{label}").mkdir(parents=True, exist_ok=True)
+        _save(Image.new("RGB", (4, 4), (i, 0, 0)), tmp_path / "folder" / f"c{label}" / f"{i:02d}.png")
+
+    class FakeCIFAR10:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            self.data = np.zeros((len(labels), 32, 32, 3), dtype=np.uint8)
+            self.data[:, 0, 0, 0] = np.arange(len(labels))
+            self.targets, self.classes = labels, ["a", "b", "c"]
+
+        def __len__(self) -> int:
+            return len(self.targets)
+
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", FakeCIFAR10)
+    for data in (load_image_folder(tmp_path / "folder", seed=3),
+                 load_cifar10(tmp_path / "release", seed=3)):
+        assert data.labels.tolist() != sorted(data.labels.tolist())
+        assert sorted(data.indices.tolist()) == list(range(len(labels)))
+        # each image is the one at its dataset index: the red value encodes the index
+        assert (data.images[:, 0, 0, 0] * 255).round().long().tolist() == data.indices.tolist()
+        assert data.labels.tolist() == [labels[i] for i in data.indices.tolist()]
 
 
 def test_cifar10_bad_split(cifar10_root: Path) -> None:

@@ -1,7 +1,8 @@
 """The embedded default defence (``load_defense("cifar10")``) on a few real CIFAR-10 test images.
 
-Four images say nothing about accuracy; this checks that the shipped models load and that the
-whole pipeline (victim-guided purification, then classification) behaves sensibly end to end.
+Eight images only bound accuracy loosely; this checks that the shipped models load and that the
+whole pipeline (victim-guided purification, then classification) classifies real images: the
+victim gets most of them right, and most stay right after purification.
 """
 from __future__ import annotations
 
@@ -9,38 +10,38 @@ import pytest
 import torch
 
 import distpure
-from distpure.data import CIFAR10_CLASSES, load_cifar10
+from distpure.data import CIFAR10_CLASSES, LabelledImages, load_cifar10
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cifar10_images(require_shared) -> torch.Tensor:
+def cifar10_test(require_shared) -> LabelledImages:
     root = require_shared("data/cifar10-jpeg")
-    data = load_cifar10(root, split="test", n=4, seed=0, download=False)
+    data = load_cifar10(root, split="test", n=8, seed=0, download=False)
     assert data.classes == CIFAR10_CLASSES
-    return data.images
+    return data
 
 
-def test_embedded_defense_purifies_and_classifies(cifar10_images: torch.Tensor) -> None:
+def test_embedded_defense_purifies_and_classifies(cifar10_test: LabelledImages) -> None:
+    """On this machine 7 of 8 are right clean and 6 of 8 after purification (chance: 1)."""
+    images, labels = cifar10_test.images, cifar10_test.labels
     defense = distpure.load_defense("cifar10", guidance="victim", device="cpu")
     assert defense.purifier.config.guidance == "victim"
     assert defense.purifier.guidance is not None
     assert defense.purifier.diffusion.sample_size == 32
     with torch.no_grad():
-        purified = defense.purifier(cifar10_images)
-        logits = defense.victim(purified)
-    assert purified.shape == cifar10_images.shape
-    assert purified.dtype == torch.float32
+        purified = defense.purifier(images)
+        clean_predictions = defense.victim(images).argmax(1)
+        predictions = defense.victim(purified).argmax(1)
+    assert purified.shape == images.shape and purified.dtype == torch.float32
     assert torch.isfinite(purified).all()
-    assert purified.min() >= 0.0 and purified.max() <= 1.0
-    # purification changes the images, but only a little (t* = 100 of 1000)
-    difference = (purified - cifar10_images).abs().mean()
+    # purification changes the images, but only a little (t* = 75 of 1000)
+    difference = (purified - images).abs().mean()
     assert 0.0 < difference < 0.15, float(difference)
-    assert logits.shape == (4, 10)
-    assert torch.isfinite(logits).all()
-    predictions = logits.argmax(1)
-    assert ((predictions >= 0) & (predictions < len(CIFAR10_CLASSES))).all()
+    clean_accuracy = (clean_predictions == labels).float().mean()
+    accuracy = (predictions == labels).float().mean()
+    assert clean_accuracy >= 0.75 and accuracy >= 0.5, (float(clean_accuracy), float(accuracy))
 
 
 def test_embedded_adversarially_trained_model_resists_pgd(require_shared) -> None:

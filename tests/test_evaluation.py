@@ -2,9 +2,9 @@
 validation, interrupted-and-resumed runs, torchrun sharding, and the report.
 
 Nothing here loads the embedded diffusion model. The test writes a tiny random diffusers
-directory, a tiny victim (architecture ``test-tiny-cnn``, registered in-process and, for the
-``python -m distpure`` subprocesses, by a ``sitecustomize`` module put on their PYTHONPATH) and
-a 2-class, 12-image folder dataset into a temporary directory.
+directory, a tiny victim (its architecture named in the config as ``module:callable``, the
+module on sys.path here and on the ``python -m distpure`` subprocesses' PYTHONPATH) and a
+2-class, 12-image folder dataset into a temporary directory.
 """
 from __future__ import annotations
 
@@ -25,29 +25,26 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
 from distpure.cli.main import main
+from distpure.defenses.purifier import PurifierConfig
 from distpure.evaluation.config import (DefenseConfig, ExperimentConfig, load_experiment)
 from distpure.evaluation.records import RecordWriter, read_records, write_sorted
 from distpure.evaluation.runner import run_experiment
 from distpure.evaluation.stats import accuracy, wilson_interval
-from distpure.evaluation.summary import format_table, summarize
+from distpure.evaluation.summary import format_table, interval_text, summarize
 from distpure.attacks.suite import AttackConfig
 from distpure.reporting.report import summary_json, write_report
 
-ARCH = "test-tiny-cnn"
 PLUGIN = "distpure_test_tiny_arch"
-# Imported in this process and (through sitecustomize) in every subprocess, so both build the
+ARCH = f"{PLUGIN}:TinyCNN"
+# Imported by name from the config in this process and in every subprocess, so both build the
 # same network. Its logits carry a strong brightness term so that predictions vary across
 # images and react to the attack and to purification.
-PLUGIN_SOURCE = f'''
+PLUGIN_SOURCE = '''
 import torch
 from torch import nn
-
-from distpure.models.classifiers import CLASSIFIERS
-from distpure.models.weights import load_state_dict
-
-NAME = {ARCH!r}
 
 
 class TinyCNN(nn.Module):
@@ -61,15 +58,6 @@ class TinyCNN(nn.Module):
     def forward(self, images):
         brightness = images.mean(dim=(1, 2, 3)) - 0.5
         return self.features(images) + 40.0 * brightness[:, None] * torch.tensor([-1.0, 1.0])
-
-
-if NAME not in CLASSIFIERS:
-    @CLASSIFIERS.register(NAME)
-    def _tiny_cnn(weights=None):
-        network = TinyCNN()
-        if weights is not None:
-            network.load_state_dict(load_state_dict(weights))
-        return network
 '''
 IMAGES_PER_CLASS = 6
 BATCH_SIZE = 4
@@ -79,28 +67,31 @@ ATTACKS = [{"name": "clean", "kind": "clean"},
            {"name": "transfer", "kind": "transfer", "eps": "8/255", "steps": 1},
            {"name": "pgd", "kind": "pgd", "eps": "8/255", "steps": 1, "start_from": "transfer"}]
 TOTAL_RECORDS = 2 * IMAGES_PER_CLASS * len(DEFENSES) * len(ATTACKS)
+DRAWS = 3
 
 
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> SimpleNamespace:
-    """Tiny victim weights, a tiny diffusers model, an image-folder dataset, the plugin dir."""
-    from diffusers import UNet2DModel
-
-    from distpure.models.diffusion import DiffusionModel, default_scheduler
-    from distpure.models.weights import save_state_dict
-
+    """Tiny victim weights, a tiny diffusers model, an image-folder dataset, the plugin dir
+    (on sys.path while this module's tests run)."""
     root = tmp_path_factory.mktemp("assets")
     plugin_dir = root / "plugin"
     plugin_dir.mkdir()
     (plugin_dir / f"{PLUGIN}.py").write_text(PLUGIN_SOURCE)
-    (plugin_dir / "sitecustomize.py").write_text(f"import {PLUGIN}  # registers {ARCH}\n")
-    sys.path.insert(0, str(plugin_dir))
-    try:
-        plugin = importlib.import_module(PLUGIN)
-    finally:
-        sys.path.remove(str(plugin_dir))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(plugin_dir))
+        yield _write_assets(root, plugin_dir, importlib.import_module(PLUGIN))
+    sys.modules.pop(PLUGIN, None)
+
+
+def _write_assets(root: Path, plugin_dir: Path, plugin) -> SimpleNamespace:
+    """Write the victim weights, the diffusers model and the dataset under ``root``."""
+    from diffusers import UNet2DModel
+
+    from distpure.models.diffusion import DiffusionModel, default_scheduler
+    from distpure.models.weights import save_state_dict
 
     torch.manual_seed(0)
     save_state_dict(plugin.TinyCNN(), root / "victim.safetensors")
@@ -120,11 +111,8 @@ def assets(tmp_path_factory) -> SimpleNamespace:
             noise = generator.normal(0.0, 0.15, (8, 8, 3)).repeat(4, 0).repeat(4, 1)
             pixels = np.clip(brightness + noise, 0, 1) * 255
             Image.fromarray(pixels.round().astype(np.uint8)).save(folder / f"{i}.png")
-    yield SimpleNamespace(root=root, plugin_dir=plugin_dir, victim=root / "victim.safetensors",
-                          diffusion=root / "diffusion", data=root / "data")
-    from distpure.models.classifiers import CLASSIFIERS
-
-    CLASSIFIERS._builders.pop(ARCH, None)  # leave the registry as other test modules expect it
+    return SimpleNamespace(root=root, plugin_dir=plugin_dir, victim=root / "victim.safetensors",
+                           diffusion=root / "diffusion", data=root / "data")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -142,7 +130,7 @@ def experiment(assets: SimpleNamespace, **changes) -> dict:
               "models": {"victim": str(assets.victim), "victim_arch": ARCH,
                          "diffusion": str(assets.diffusion)},
               "defenses": DEFENSES, "attacks": ATTACKS, "batch_size": BATCH_SIZE, "device": "cpu",
-              "paper": {"purified/clean": 90.0}}
+              "evaluation": {"draws": DRAWS}, "paper": {"purified/clean": 90.0}}
     values.update(changes)
     return values
 
@@ -212,7 +200,7 @@ def test_summary_rows_in_config_order():
     records += [{"index": 0, "defense": "unconfigured", "attack": "pgd", "correct": True}]
     rows = summarize(records, config)["rows"]
     assert [(r["defense"], r["attack"]) for r in rows] == [
-        ("a", "clean"), ("a", "pgd"), ("b", "clean"), ("b", "pgd")]
+        ("a", "clean"), ("a", "pgd"), ("b", "clean"), ("b", "pgd"), ("a", "worst-case"), ("b", "worst-case")]
     by_pair = {(r["defense"], r["attack"]): r for r in rows}
     assert by_pair["a", "clean"]["correct"] == 3 and by_pair["a", "clean"]["total"] == 4
     assert by_pair["a", "clean"]["accuracy"] == 0.75
@@ -226,23 +214,65 @@ def test_summary_rows_in_config_order():
     assert "75.0 [30.1, 95.4]" in table and " - " in table
 
 
-def test_worst_case_counts_a_sample_robust_only_if_it_survives_every_attack_of_its_threat_model():
+def test_worst_case_is_per_threat_group_and_requires_clean():
+    """A sample counts as robust only if it is right when clean and survives every attack of its
+    group (norm, ε, fresh or frozen noise); every group is reported, a lone attack's too."""
     config = ExperimentConfig(
         defenses=[DefenseConfig("d", kind="none")],
         attacks=[AttackConfig("clean", kind="clean"), AttackConfig("a", steps=5),
-                 AttackConfig("b", kind="bpda", steps=7, eot=3), AttackConfig("l2", norm="l2", eps=0.5)])
-    outcomes = {"clean": [1, 1, 1, 1], "a": [1, 0, 1, 1], "b": [1, 1, 0, 1], "l2": [0, 0, 0, 0]}
+                 AttackConfig("b", kind="bpda", steps=7, eot=3), AttackConfig("l2", norm="l2", eps=0.5),
+                 AttackConfig("frozen", frozen_noise=True)])
+    outcomes = {"clean": [1, 1, 1, 0], "a": [1, 0, 1, 1], "b": [1, 1, 0, 1], "l2": [0, 1, 1, 1],
+                "frozen": [1, 1, 1, 1]}
     records = [{"index": i, "defense": "d", "attack": attack, "correct": bool(value)}
                for attack, values in outcomes.items() for i, value in enumerate(values)]
     rows = {r["attack"]: r for r in summarize(records, config)["rows"]}
-    worst = rows["worst-case"]  # one group (L-inf 8/255): a and b; l2 alone and clean do not count
-    assert (worst["correct"], worst["total"]) == (2, 4)
-    assert worst["over"] == ["a", "b"] and (worst["steps"], worst["eot"]) == (7, 3)
+    worst = rows["worst-case-linf-0.0313725"]  # sample 3 survives a and b but is wrong when clean
+    assert (worst["correct"], worst["total"]) == (1, 4)
+    assert worst["over"] == ["clean", "a", "b"] and (worst["steps"], worst["eot"]) == (7, 3)
+    assert (rows["worst-case-l2-0.5"]["correct"], rows["worst-case-linf-0.0313725-frozen"]["correct"]) == (2, 3)
+    assert rows["worst-case-linf-0.0313725-frozen"]["over"] == ["clean", "frozen"]  # not pooled with a, b
     assert (rows["a"]["correct"], rows["b"]["correct"]) == (3, 3)
-    two_groups = ExperimentConfig(defenses=config.defenses,
-                                  attacks=[*config.attacks, AttackConfig("l2-bpda", kind="bpda", norm="l2", eps=0.5)])
-    names = [r["attack"] for r in summarize(records, two_groups)["rows"] if r["kind"] == "worst-case"]
-    assert names == ["worst-case-linf-0.0313725", "worst-case-l2-0.5"]
+
+
+def _drawn(index: int, attack: str, predictions: list[int], **extra) -> dict:
+    return {"index": index, "defense": "d", "attack": attack, "label": 1, "predictions": predictions, **extra}
+
+
+def test_three_scorings_of_scoring_draws():
+    """Expected = mean fraction of right draws; worst-of-R = right in every draw; majority-of-R =
+    the most predicted class is right (a tie is wrong); an attack's broken verdict is wrong."""
+    config = ExperimentConfig(defenses=[DefenseConfig("d", kind="none")],
+                              attacks=[AttackConfig("clean", kind="clean"), AttackConfig("pgd")],
+                              evaluation={"draws": 4})
+    records = [_drawn(0, "clean", [1, 1, 1, 1]), _drawn(1, "clean", [1, 1, 1, 0]),
+               _drawn(2, "clean", [1, 1, 0, 0]), _drawn(3, "clean", [0, 2, 1, 1]),
+               *(_drawn(i, "pgd", [1, 1, 1, 1]) for i in range(3)),
+               _drawn(3, "pgd", [1, 1, 1, 1], verdict="broken")]
+    summary = summarize(records, config)
+    rows = {r["attack"]: r for r in summary["rows"]}
+    clean = rows["clean"]
+    assert clean["draws"] == 4 and clean["scoring"] == "expected"
+    assert clean["expected_accuracy"] == pytest.approx((4 + 3 + 2 + 2) / 16)
+    assert clean["worst_accuracy"] == 0.25 and clean["majority_accuracy"] == 0.75
+    assert clean["accuracy"] == clean["expected_accuracy"]
+    assert clean["expected_ci_low"] < clean["expected_accuracy"] < clean["expected_ci_high"]
+    assert rows["pgd"]["worst_accuracy"] == 0.75 and rows["pgd"]["expected_accuracy"] == 0.75
+    worst = rows["worst-case"]  # per sample the lowest fraction over clean and pgd
+    assert worst["expected_accuracy"] == pytest.approx((1 + 0.75 + 0.5 + 0) / 4)
+    assert worst["worst_accuracy"] == 0.25 and worst["majority_accuracy"] == 0.5
+    headline = ExperimentConfig(defenses=config.defenses, attacks=config.attacks,
+                                evaluation={"draws": 4, "headline": "worst"})
+    assert summarize(records, headline)["rows"][0]["accuracy"] == 0.25
+    table = format_table(summary)
+    assert "worst-of-R" in table and "majority-of-R" in table and "25.0 [" in table
+
+
+@pytest.mark.parametrize("evaluation, message", [({"draws": 0}, "draws"), ({"headline": "best"}, "headline")])
+def test_bad_scoring_settings_are_refused(evaluation, message):
+    with pytest.raises(ValueError, match=message):
+        ExperimentConfig(defenses=[DefenseConfig("d", kind="none")], attacks=[{"name": "c", "kind": "clean"}],
+                         evaluation=evaluation)
 
 
 @pytest.mark.parametrize("attacks, message", [
@@ -304,13 +334,15 @@ SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob(
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda path: path.stem)
 def test_shipped_configs_are_valid_and_name_known_models(path):
-    """Every experiment under configs/ parses and names registered classifiers (or files)."""
-    from distpure.models.classifiers import CLASSIFIERS
+    """Every experiment under configs/ parses and names registered classifiers, RobustBench zoo
+    models (or files)."""
+    from distpure.models.classifiers import CLASSIFIERS, ROBUSTBENCH_PREFIX
 
     config = load_experiment(path)
     assert config.name == path.stem
     names = [config.models.victim, *(d.classifier for d in config.defenses if d.kind == "classifier")]
-    assert all(name in CLASSIFIERS or Path(name).suffix for name in names), names
+    assert all(name in CLASSIFIERS or name.startswith(ROBUSTBENCH_PREFIX) or Path(name).suffix
+               for name in names), names
 
 @pytest.mark.parametrize("change, culprit", [
     ({"batchsize": 4}, "batchsize"),
@@ -345,6 +377,50 @@ def test_run_dir_with_another_config_is_refused(assets, reference_run, tmp_path,
     assert (reference_run / "config.yaml").read_text() == stored
 
 
+def test_resuming_with_other_resolved_settings_is_refused(assets, config_path, reference_run, tmp_path,
+                                                          monkeypatch):
+    """config.yaml holds only overrides: a changed default would silently mix two defences."""
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(reference_run, run_dir)
+    resolved = json.loads((run_dir / "resolved.json").read_text())
+    assert resolved["settings"]["defenses"]["purified"]["purifier"]["t_star"] == 20
+    assert resolved["settings"]["defenses"]["purified"]["purifier"]["victim_scale"] == 10.0
+    assert resolved["distpure"] and resolved["settings"]["evaluation"] == {"draws": DRAWS, "headline": "expected"}
+    from distpure.defenses import recommended
+
+    changed = dict(recommended.RECOMMENDED["cifar10"], purifier=PurifierConfig(t_star=75, num_steps=10,
+                                                                               victim_scale=7.0))
+    monkeypatch.setitem(recommended.RECOMMENDED, "cifar10", changed)
+    with pytest.raises(ValueError, match=r"victim_scale: 10\.0 -> 7\.0"):
+        run_experiment(load_experiment(config_path), run_dir, show_progress=False)
+
+
+def test_transfer_examples_are_keyed_by_the_model_they_were_crafted_on(assets, tmp_path):
+    """A robust classifier defence listed first must not hand its transfer examples to the
+    defences behind the experiment's victim."""
+    from distpure.models.weights import save_state_dict
+
+    plugin = importlib.import_module(PLUGIN)
+    torch.manual_seed(1)
+    other = plugin.TinyCNN()
+    other.features[-1].weight.data *= 30  # a victim of its own, whose gradient differs
+    save_state_dict(other, tmp_path / "other.safetensors")
+    attacks = [{"name": "transfer", "kind": "transfer", "eps": "8/255", "steps": 2}]
+    robust = {"name": "robust", "kind": "classifier", "classifier": str(tmp_path / "other.safetensors"),
+              "classifier_arch": ARCH}
+    runs = {}
+    for name, defenses in (("both", [robust, DEFENSES[0]]), ("alone", [DEFENSES[0]])):
+        config = load_experiment(write_yaml(tmp_path / f"{name}.yaml",
+                                            experiment(assets, defenses=defenses, attacks=attacks)))
+        run_experiment(config, tmp_path / name, show_progress=False)
+        runs[name] = {r["index"]: r["predictions"] for r in read_records(tmp_path / name / "results.jsonl")
+                      if r["defense"] == "none"}
+    assert runs["both"] == runs["alone"]
+    adversarial = {name: load_file(str(tmp_path / name / "examples" / "none__transfer.safetensors"))["adversarial"]
+                   for name in runs}
+    assert torch.equal(adversarial["both"], adversarial["alone"])
+
+
 # ----------------------------------------------------------------------------- runs
 
 def _assert_same_examples(run_dir: Path, reference: Path) -> None:
@@ -369,10 +445,17 @@ def _summary_accuracies(run_dir: Path) -> list[tuple]:
 def test_reference_run_is_complete(reference_run):
     records = read_records(reference_run / "results.jsonl")
     assert len(records) == TOTAL_RECORDS
-    assert {r["prediction"] for r in records} == {0, 1}  # the tiny victim is not constant
+    assert {p for r in records for p in r["predictions"]} == {0, 1}  # the tiny victim is not constant
+    purified = [r for r in records if r["defense"] == "purified"]
+    assert all(len(r["predictions"]) == DRAWS for r in purified)  # R scoring draws
+    assert all(len(r["predictions"]) == 1 for r in records if r["defense"] == "none")  # deterministic
     assert not list(reference_run.glob("results.rank*.jsonl"))
     metadata = json.loads((reference_run / "metadata.json").read_text())
     assert metadata["processes"] == 1 and metadata["seed"] == 0
+    hardware = metadata["hardware"]  # every figure says what produced it
+    assert hardware["precision"] == "auto" and hardware["resolved_precision"] in ("fp32", "bf16")
+    assert hardware["resolved_precision"] == ("bf16" if hardware["native_bf16"] else "fp32")
+    assert hardware["cpu"] and hardware["device"] == "cpu"
     examples = sorted(p.name for p in (reference_run / "examples").iterdir())
     assert examples == sorted(f"{d['name']}__{a['name']}.safetensors" for d in DEFENSES for a in ATTACKS)
 
@@ -441,12 +524,13 @@ def test_report_of_a_finished_run(reference_run, capsys):
     assert path == reference_run / "report.md"
     text = path.read_text()
     header = "| defence | " + " | ".join(a["name"] for a in ATTACKS) + " | worst-case |"
-    assert header in text and "**worst-case**: per sample, robust only if it survives every one of transfer, pgd" in text
+    assert header in text and "**worst-case**: per sample, robust only if it survives every one of clean, transfer, pgd" in text
+    assert text.index("### expected (headline)") < text.index("### worst-of-R") < text.index("### majority-of-R")
     for defense in DEFENSES:
         assert f"\n| {defense['name']} | " in text
     summary = json.loads((reference_run / "summary.json").read_text())
     row = next(r for r in summary["rows"] if (r["defense"], r["attack"]) == ("purified", "clean"))
-    cell = f"{100 * row['accuracy']:.1f} [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}] (90)"
+    cell = f"{interval_text(row, 'expected')} (90)"
     assert cell in text  # the paper's number in parentheses
     assert "Partial run" not in text and "seed: 0" in text and "samples: 12" in text
 
@@ -454,11 +538,12 @@ def test_report_of_a_finished_run(reference_run, capsys):
 
     with open(reference_run / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == len(DEFENSES) * (len(ATTACKS) + 1)  # + the worst case over transfer and pgd
+    assert len(rows) == len(DEFENSES) * (len(ATTACKS) + 1)  # + the worst case over clean, transfer, pgd
     worst = {r["defense"]: r for r in rows if r["kind"] == "worst-case"}
     for defense in ("none", "purified"):
-        survived = {r["attack"]: int(r["correct"]) for r in rows if r["defense"] == defense}
-        assert int(worst[defense]["correct"]) <= min(survived["transfer"], survived["pgd"])
+        for scoring in ("expected", "worst", "majority"):
+            survived = {r["attack"]: float(r[f"{scoring}_accuracy"]) for r in rows if r["defense"] == defense}
+            assert float(worst[defense][f"{scoring}_accuracy"]) <= min(survived.values()) + 1e-9
     purified = next(r for r in rows if r["defense"] == "purified" and r["attack"] == "pgd")
     assert (purified["t_star"], purified["num_steps"], purified["guidance"]) == ("20", "2", "victim")
     assert float(purified["accuracy"]) == next(
@@ -492,6 +577,42 @@ def test_report_of_a_partial_run(reference_run, tmp_path):
     data = summary_json(run_dir)
     assert not data["finished"] and data["records"] == 3
     json.dumps(data, allow_nan=False)  # NaN accuracies of empty cells became null
+
+
+def _run_dir_with(records: list[dict], reference_run: Path, run_dir: Path) -> Path:
+    """A run directory of the reference experiment holding only ``records`` (a partial run)."""
+    run_dir.mkdir()
+    shutil.copy(reference_run / "config.yaml", run_dir)
+    write_sorted(records, run_dir / "results.jsonl")
+    return run_dir
+
+
+def test_report_of_a_run_stopped_after_its_first_batch(reference_run, tmp_path):
+    """The images come in seeded random order, so the first batch already holds both classes
+    (in class order it held four of class 0), and the partial report counts each class."""
+    records = read_records(reference_run / "results.jsonl")
+    assert sorted({r["dataset_index"] for r in records}) == list(range(2 * IMAGES_PER_CLASS))
+    first = [r for r in records if r["index"] < BATCH_SIZE]
+    run_dir = _run_dir_with(first, reference_run, tmp_path / "first-batch")
+    labels = [r["label"] for r in first if (r["defense"], r["attack"]) == ("none", "clean")]
+    counts = {label: labels.count(label) for label in (0, 1)}
+    assert all(counts.values())
+    text = write_report(run_dir).read_text()
+    assert "Partial run" in text and "class order" not in text
+    assert f"- samples per class (label: count): 0: {counts[0]}, 1: {counts[1]}\n" in text
+    assert summary_json(run_dir)["samples_per_class"] == {"0": counts[0], "1": counts[1]}
+
+
+def test_run_written_in_class_order_is_reported_but_not_resumed(config_path, reference_run, tmp_path):
+    """Records from before the order was randomised have no dataset index: the report reads them
+    and warns that their partial view follows class order; resuming them is refused."""
+    old = [{k: v for k, v in r.items() if k != "dataset_index"}
+           for r in read_records(reference_run / "results.jsonl")[:6]]
+    run_dir = _run_dir_with(old, reference_run, tmp_path / "old")
+    assert "written in class order" in write_report(run_dir).read_text()
+    with pytest.raises(ValueError, match="record 0 .*no dataset index"):
+        run_experiment(load_experiment(config_path), run_dir, show_progress=False)
+    assert len(read_records(run_dir / "results.jsonl")) == len(old)
 
 
 def test_report_plots_the_swept_settings(assets, tmp_path):

@@ -13,6 +13,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from distpure.models.classifiers import load_classifier
 from distpure.models.diffusion import DiffusionModel, load_diffusion
 from distpure.models.weights import UnsafeCheckpointError, load_state_dict
+from distpure.sampling.reverse import predict_x0
 
 
 # --- a local diffusers directory (the google/ddpm-cifar10-32 layout) -----------------------------
@@ -178,3 +179,52 @@ def test_plain_state_dict_checkpoints_load(tmp_path: Path) -> None:
     loaded = load_state_dict(path)
     assert loaded.keys() == {"layer.weight", "layer.bias"}
     assert torch.equal(loaded["layer.weight"], state["module.layer.weight"])
+
+
+# --- what the UNet predicts: ε, v or x0 ---------------------------------------------------------
+
+
+def _predicting(diffusion: DiffusionModel, prediction_type: str) -> DiffusionModel:
+    """``diffusion``'s UNet read as predicting ``prediction_type`` (unclipped, like the tests' x̂0)."""
+    scheduler = DDPMScheduler.from_config(diffusion.scheduler.config, prediction_type=prediction_type,
+                                          clip_sample=False)
+    return DiffusionModel(diffusion.unet, scheduler)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_v_and_x0_predictions_become_the_epsilon_diffusers_implies(
+        tiny_diffusion: DiffusionModel, prediction_type: str) -> None:
+    """x̂0 from the converted ε equals the ``pred_original_sample`` of diffusers' DDPM step."""
+    model = _predicting(tiny_diffusion, prediction_type)
+    x_t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        eps, raw = model(x_t, t), model.unet(x_t, t).sample
+        assert not torch.allclose(eps, raw, atol=0.1)
+        for i, step in enumerate(t.tolist()):
+            expected = model.scheduler.step(raw[i:i + 1], step, x_t[i:i + 1]).pred_original_sample
+            x0 = predict_x0(x_t[i:i + 1], eps[i:i + 1], model.alphas_cumprod[step].float(), clip=False)
+            torch.testing.assert_close(x0, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="integer timesteps"):
+        model(x_t, t + 0.5)
+
+
+def test_unknown_prediction_type_is_refused(tiny_diffusion: DiffusionModel) -> None:
+    with pytest.raises(ValueError, match="prediction_type 'score'.*epsilon, v_prediction, sample"):
+        _predicting(tiny_diffusion, "score")
+
+
+def test_eta_with_a_learned_variance_model_is_refused(tiny_images: torch.Tensor) -> None:
+    """A learned-variance step uses the model's variance, so a DDIM η would be silently ignored."""
+    from distpure.defenses.purifier import Purifier, PurifierConfig
+    from distpure.models.diffusion import default_scheduler
+
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=6, block_out_channels=(32, 32),
+                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2, add_attention=False)
+    model = DiffusionModel(unet, default_scheduler())
+    assert model.learned_variance
+    config = PurifierConfig(t_star=20, num_steps=2, guidance="none", precision="fp32")
+    assert Purifier(model, config)(tiny_images).shape == tiny_images.shape
+    with pytest.raises(ValueError, match="eta=0.0: a learned-variance model"):
+        Purifier(model, PurifierConfig(**{**vars(config), "eta": 0.0}))(tiny_images)

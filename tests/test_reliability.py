@@ -170,12 +170,12 @@ def test_purifier_refuses_empty_batch_and_converts_float_dtypes(tiny_diffusion, 
     with pytest.raises(ValueError, match="empty"):
         purifier(tiny_images[:0])
     with torch.no_grad():
-        reference = purifier.variant()(tiny_images)
+        reference = purifier.variant(seed=0)(tiny_images)
         for dtype in (torch.float64, torch.float16, torch.bfloat16):
-            output = purifier.variant()(tiny_images.to(dtype))
+            output = purifier.variant(seed=0)(tiny_images.to(dtype))
             assert output.dtype == torch.float32 and output.shape == tiny_images.shape
         assert reference.min() >= 0 and reference.max() <= 1
-        assert torch.equal(purifier.variant()(tiny_images.double()), reference)
+        assert torch.equal(purifier.variant(seed=0)(tiny_images.double()), reference)
 
 
 @pytest.mark.parametrize("images, labels, error, message", [

@@ -1,4 +1,4 @@
-"""Classifier zoo: torchvision, timm and RobustBench models load from local weights files."""
+"""Classifier zoo: torchvision, timm, RobustBench and your own models load with no network."""
 from __future__ import annotations
 
 import os
@@ -8,16 +8,20 @@ from functools import cache
 from pathlib import Path
 from typing import Callable, Sequence
 
+import gdown
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+from distpure.config import from_dict
 from distpure.data import default_data_root, list_class_folder
+from distpure.evaluation.config import ExperimentConfig
+from distpure.evaluation.runner import build_defenses
 from distpure.models.classifiers import IMAGENET_MEAN, IMAGENET_STD, load_classifier
 from distpure.models.imagenet30 import IMAGENET30_CLASSES, imagenet30_classifier, imagenet30_indices
+from distpure.models.robustbench_zoo import import_robustbench
 from distpure.models.weights import save_state_dict
-from distpure.models.wide_resnet import WideResNet
 
 SavedModel = tuple[nn.Module, Path]
 
@@ -110,23 +114,71 @@ def test_timm_missing_gives_install_hint(monkeypatch: pytest.MonkeyPatch, tmp_pa
         load_classifier("timm:resnet18", weights=tmp_path / "unused.pth")
 
 
-@pytest.mark.parametrize("sub_block1", [False, True], ids=["Standard-style", "Carmon2019-style"])
-def test_robustbench_wrn_28_10_loads_robustbench_checkpoint(tmp_path: Path, sub_block1: bool) -> None:
+def _offline(*args: object, **kwargs: object) -> None:
+    raise ConnectionError("no network")
+
+
+@pytest.fixture(scope="module")
+def robustbench_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    """RobustBench's CIFAR-10 L-inf "Standard" WRN-28-10, random, saved as its zoo checkpoint
+    (``{"state_dict": {"module.<key>": ...}}``) in RobustBench's model-directory layout."""
+    import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
     torch.manual_seed(0)
-    original = _randomized(WideResNet(28, 10, sub_block1=sub_block1))
-    state = original.state_dict()
-    assert {"conv1.weight", "block1.layer.0.convShortcut.weight", "block3.layer.3.conv2.weight",
-            "bn1.running_var", "fc.weight", "fc.bias"} <= set(state)
-    assert ("sub_block1.layer.3.bn2.weight" in state) == sub_block1
-    path = tmp_path / "model.pt"
-    torch.save({"state_dict": {f"module.{key}": value for key, value in state.items()}}, path)
+    original = _randomized(model_dicts[BenchmarkDataset.cifar_10][ThreatModel.Linf]["Standard"]["model"]())
+    model_dir = tmp_path_factory.mktemp("robustbench")
+    path = model_dir / "cifar10" / "Linf" / "Standard.pt"
+    path.parent.mkdir(parents=True)
+    state = {f"module.{key}": value for key, value in original.state_dict().items()}
+    torch.save({"state_dict": state}, path)
+    return original, model_dir
+
+
+def test_robustbench_zoo_model_loads_offline_from_a_local_model_dir(
+        robustbench_dir: tuple[nn.Module, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    original, model_dir = robustbench_dir
+    monkeypatch.setattr(gdown, "download", _offline)
+    images = torch.rand(2, 3, 32, 32)  # RobustBench models take [0, 1] images: no normalisation
+    loaded = load_classifier("robustbench:Standard", dataset="cifar10", threat_model="Linf",
+                             model_dir=model_dir)
+    _assert_matches(loaded, original, images, images, 10)
+
+
+def test_configs_name_robustbench_victims_and_baselines(
+        robustbench_dir: tuple[nn.Module, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    original, model_dir = robustbench_dir
+    monkeypatch.setattr(gdown, "download", _offline)
+    options = {"dataset": "cifar10", "threat_model": "Linf", "model_dir": str(model_dir)}
+    config = from_dict(ExperimentConfig, {
+        "models": {"victim": "robustbench:Standard", "victim_options": options},
+        "defenses": [{"name": "none", "kind": "none"},
+                     {"name": "at", "kind": "classifier", "classifier": "robustbench:Standard",
+                      "classifier_options": options}],
+        "attacks": [{"name": "clean", "kind": "clean"}]})
+    defenses = build_defenses(config, torch.device("cpu"))
     images = torch.rand(2, 3, 32, 32)
-    _assert_matches(load_classifier("robustbench-wrn-28-10", weights=path), original, images, images, 10)
+    for defense in defenses.values():
+        _assert_matches(defense.victim, original, images, images, 10)
 
 
-def test_robustbench_wrn_28_10_without_weights_asks_for_a_checkpoint() -> None:
-    with pytest.raises(ValueError, match="local RobustBench checkpoint"):
-        load_classifier("robustbench-wrn-28-10")
+def test_robustbench_missing_checkpoint_offline_asks_for_a_local_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gdown, "download", _offline)
+    with pytest.raises(FileNotFoundError, match=r"Standard\.pt is missing.*pass a local directory"):
+        load_classifier("robustbench:Standard", model_dir=tmp_path)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"threat_model": "Linf"}, KeyError, "unknown RobustBench model 'NoSuchModel'.*Standard"),
+    ({"threat_model": "L3"}, ValueError, "threat model 'L3'; choices: Linf, L2"),
+    ({"dataset": "mnist"}, ValueError, "dataset 'mnist'; choices: cifar10, cifar100, imagenet"),
+])
+def test_robustbench_bad_names_list_the_choices(options: dict, error: type[Exception],
+                                                message: str) -> None:
+    with pytest.raises(error, match=message):
+        load_classifier("robustbench:NoSuchModel", **options)
 
 
 def test_imagenet30_indices_name_the_torchvision_categories() -> None:

@@ -2,6 +2,11 @@
 
 Sources: the original CIFAR-10 release through torchvision, any class-per-folder image tree
 (e.g. the CIFAR-10 JPEG copy), and ImageNet-30-style folders resized and center-cropped.
+
+Every loader returns its images in a seeded random order (``subset_indices``), never in the
+source's order: folders list class by class, so a prefix of the listing, such as the records
+of an evaluation stopped early, would hold the first classes only. ``LabelledImages.indices``
+keeps each image's position in the source.
 """
 from __future__ import annotations
 
@@ -23,29 +28,37 @@ class DataError(ValueError):
 
 @dataclass
 class LabelledImages:
-    """A batch of images in [0, 1] with labels, class names and the files they came from."""
+    """A batch of images in [0, 1] with labels, class names, the files they came from and each
+    image's dataset index (its position in the source's own order; 0, 1, ... when not given)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: tuple[str, ...]
     paths: tuple[str, ...] = ()
+    indices: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.indices is None:
+            self.indices = torch.arange(len(self.labels))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, n: int | None, seed: int = 0) -> "LabelledImages":
-        """A deterministic random subset of n samples (all of them if n is None or too large)."""
+        """A deterministic random subset of n samples (all of them if n is None or too large),
+        in the seeded order of ``subset_indices``; dataset indices are carried along."""
         index = subset_indices(len(self), n, seed)
         paths = tuple(self.paths[i] for i in index) if self.paths else ()
-        return LabelledImages(self.images[index], self.labels[index], self.classes, paths)
+        return LabelledImages(self.images[index], self.labels[index], self.classes, paths,
+                              self.indices[index])
 
 
 def subset_indices(total: int, n: int | None, seed: int = 0) -> torch.Tensor:
-    """Indices of a seed-determined subset of size n, kept in ascending order for readability."""
-    if n is None or n >= total:
-        return torch.arange(total)
+    """The first n of a seeded random permutation of ``range(total)`` (all of it if n is None),
+    in that random order: any prefix is a fair sample of the classes, and a smaller n with the
+    same seed gives a prefix of a larger one."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(total, generator=generator)[:n].sort().values
+    return torch.randperm(total, generator=generator)[:n]
 
 
 def is_image_file(path: Path) -> bool:
@@ -113,12 +126,14 @@ def list_class_folder(root: str | Path) -> tuple[list[tuple[Path, int]], tuple[s
 
 def load_image_folder(root: str | Path, n: int | None = None, seed: int = 0,
                       size: int | None = None) -> LabelledImages:
-    """Load a class-per-folder image tree (optionally a seeded subset of n images)."""
+    """Load a class-per-folder image tree in seeded random order (a subset of n images if n is
+    given); dataset indices are positions in ``list_class_folder``'s listing."""
     items, classes = list_class_folder(root)
-    chosen = [items[i] for i in subset_indices(len(items), n, seed).tolist()]
+    index = subset_indices(len(items), n, seed)
+    chosen = [items[i] for i in index.tolist()]
     images = _read_same_size([path for path, _ in chosen], size)
     labels = torch.tensor([label for _, label in chosen], dtype=torch.long)
-    return LabelledImages(images, labels, classes, tuple(str(p) for p, _ in chosen))
+    return LabelledImages(images, labels, classes, tuple(str(p) for p, _ in chosen), index)
 
 
 def _read_same_size(paths: list[Path], size: int | None) -> torch.Tensor:
@@ -160,7 +175,7 @@ def load_cifar10(root: str | Path, split: str = "test", n: int | None = None,
     index = subset_indices(len(dataset), n, seed)
     images = torch.from_numpy(dataset.data[index.numpy()]).permute(0, 3, 1, 2).float() / 255.0
     labels = torch.tensor(dataset.targets)[index]
-    return LabelledImages(images, labels, tuple(dataset.classes))
+    return LabelledImages(images, labels, tuple(dataset.classes), indices=index)
 
 
 def load_imagenet30(root: str | Path, n: int | None = None, seed: int = 0,

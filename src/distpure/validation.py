@@ -1,7 +1,15 @@
 """Input checks shared by defences and attacks: a clear error before any long work starts."""
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
+
+
+def check_choice(setting: str, value: object, choices: Collection[str]) -> None:
+    """Refuse a ``value`` of ``setting`` that is not one of ``choices``, naming it and them all."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {setting} {value!r}; expected one of {', '.join(choices)}")
 
 
 def check_unit_images(images: torch.Tensor) -> None:

@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..validation import check_labels, check_unit_images
+from ..validation import check_choice, check_labels, check_unit_images
+
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "margin")
 
 
 @dataclass
@@ -33,10 +36,11 @@ class PGDConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+        check_choice("norm", self.norm, NORMS)
+        check_choice("attack loss", self.loss, LOSSES)
         if self.eps < 0 or self.steps < 0 or self.eot < 1:
-            raise ValueError("eps and steps must be non-negative and eot at least 1")
+            raise ValueError("eps and steps must be non-negative and eot at least 1, got "
+                             f"eps={self.eps}, steps={self.steps}, eot={self.eot}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
@@ -48,14 +52,13 @@ class PGDConfig:
 def attack_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-sample loss the attacker maximises: cross-entropy, or the CW margin max_{j≠y} z_j - z_y."""
     check_labels(labels, len(logits), logits.shape[-1])
+    check_choice("attack loss", kind, LOSSES)
     logits = logits.float()
     if kind == "ce":
         return F.cross_entropy(logits, labels, reduction="none")
-    if kind == "margin":
-        true = logits.gather(1, labels[:, None]).squeeze(1)
-        others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
-        return others - true
-    raise ValueError(f"unknown attack loss {kind!r}; expected 'ce' or 'margin'")
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+    return others - true
 
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,

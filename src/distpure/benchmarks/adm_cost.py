@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..defenses.recommended import RECOMMENDED
-from ..devices import autocast
+from ..devices import autocast, hardware, native_bf16
 from ..models.adm import ADM_256_UNCOND_FLAGS, adm_scheduler, adm_unet_config
 from ..models.diffusion import DiffusionModel
 from .resources import measure, status_kib
@@ -58,14 +58,20 @@ class ADMCost:
     forward_flops: int
     threads: int
     fp32_seconds: float
-    bf16_seconds: float
+    bf16_seconds: float | None
     fp32_peak_extra_mib: float | None
     bf16_peak_extra_mib: float | None
     process_peak_mib: float | None
     plan: dict
     forwards_per_evaluation: int
-    cpu_bf16_days: float
+    cpu_days: float
     gpu_hours_estimate: float
+    hardware: dict
+
+    @property
+    def cpu_precision(self) -> str:
+        """The precision the CPU estimate uses: the faster one measured."""
+        return "bf16" if self.bf16_seconds is not None and self.bf16_seconds < self.fp32_seconds else "fp32"
 
 
 def full_adm() -> DiffusionModel:
@@ -104,13 +110,16 @@ def time_forward(model: DiffusionModel, precision: str, batch: int = 1,
 
 
 def measure_adm_cost(repeats: int = 1, plan: EvaluationPlan | None = None) -> ADMCost:
-    """Build the model, count its FLOPs, time fp32 and bf16 forwards, derive the evaluation cost."""
+    """Build the model, count its FLOPs, time fp32 and (where the CPU has it natively: emulated,
+    it takes tens of minutes) bf16 forwards, derive the evaluation cost at the faster one."""
     plan = plan or EvaluationPlan()
     model = full_adm()
     parameters = sum(p.numel() for p in model.parameters())
     flops = forward_flops()
     fp32_seconds, fp32_memory = time_forward(model, "fp32", repeats=repeats)
-    bf16_seconds, bf16_memory = time_forward(model, "bf16", repeats=repeats)
+    bf16_seconds, bf16_memory = (time_forward(model, "bf16", repeats=repeats)
+                                 if native_bf16("cpu") else (None, None))
+    fastest = min(seconds for seconds in (fp32_seconds, bf16_seconds) if seconds is not None)
     forwards = plan.images * plan.forwards_per_image()
     peak = status_kib("VmHWM")
     return ADMCost(
@@ -118,8 +127,9 @@ def measure_adm_cost(repeats: int = 1, plan: EvaluationPlan | None = None) -> AD
         threads=torch.get_num_threads(), fp32_seconds=fp32_seconds, bf16_seconds=bf16_seconds,
         fp32_peak_extra_mib=fp32_memory, bf16_peak_extra_mib=bf16_memory,
         process_peak_mib=None if peak is None else peak / 1024, plan=asdict(plan),
-        forwards_per_evaluation=forwards, cpu_bf16_days=forwards * bf16_seconds / 86400,
-        gpu_hours_estimate=forwards * flops / (A100_BF16_FLOPS * ASSUMED_GPU_UTILISATION) / 3600)
+        forwards_per_evaluation=forwards, cpu_days=forwards * fastest / 86400,
+        gpu_hours_estimate=forwards * flops / (A100_BF16_FLOPS * ASSUMED_GPU_UTILISATION) / 3600,
+        hardware=hardware("cpu"))
 
 
 def _mib(value: float | None) -> str:
@@ -129,18 +139,21 @@ def _mib(value: float | None) -> str:
 def format_cost(cost: ADMCost) -> str:
     """The figures as readable lines."""
     plan = cost.plan
+    bf16 = ("not measured: this CPU has no native bf16" if cost.bf16_seconds is None else
+            f"{cost.bf16_seconds:.2f} s, resident set +{_mib(cost.bf16_peak_extra_mib)}")
     return "\n".join([
         f"256x256 unconditional ADM, batch 1, {cost.threads} CPU thread(s), random weights",
+        f"CPU                   {cost.hardware['cpu']} ({', '.join(cost.hardware['cpu_flags']) or 'no flags read'})",
         f"parameters            {cost.parameters:,} ({cost.weights_mib:,.0f} MiB in float32)",
         f"FLOPs per forward     {cost.forward_flops / 1e12:.3f} TFLOP (matmul + conv, 2 per multiply-add)",
         f"fp32 forward          {cost.fp32_seconds:.2f} s, resident set +{_mib(cost.fp32_peak_extra_mib)}",
-        f"bf16 autocast forward {cost.bf16_seconds:.2f} s, resident set +{_mib(cost.bf16_peak_extra_mib)}",
+        f"bf16 autocast forward {bf16}",
         f"process peak RSS      {_mib(cost.process_peak_mib)}",
         f"full evaluation       {plan['images']} images x {cost.forwards_per_evaluation // plan['images']:,} "
         f"forwards = {cost.forwards_per_evaluation:,} ADM forwards ({plan['purifier_defenses']} "
         f"purification defences, {plan['reverse_steps']} reverse steps, {plan['attack_steps']} "
         f"attack steps x EOT {plan['eot']})",
-        f"  on this CPU (bf16)  {cost.cpu_bf16_days:,.0f} days",
+        f"  on this CPU ({cost.cpu_precision})  {cost.cpu_days:,.0f} days",
         f"  on one A100 (est.)  {cost.gpu_hours_estimate:,.0f} GPU-hours at "
         f"{ASSUMED_GPU_UTILISATION:.0%} of {A100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 (an estimate, "
         "not a measurement)",

@@ -19,6 +19,8 @@ from ..data import default_data_root, load_cifar10
 from ..defenses.defended import DefendedClassifier
 from ..defenses.purifier import Purifier, PurifierConfig
 from ..defenses.recommended import load_defense
+from ..devices import (AUTOCAST_DTYPES, autocast, check_precision, describe_hardware, hardware,
+                       resolve_precision)
 from .resources import measure
 
 
@@ -33,9 +35,13 @@ class BenchConfig:
     gradient_batch_size: int = 4
     gradient_steps: tuple[int, int] = (10, 100)
     gradient_t_star: int = 100
+    flops_batch_size: int = 128
+    matmul_size: int = 4096
+    precision: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         few, many = self.gradient_steps
         if not 1 <= few <= many <= self.gradient_t_star:
             raise ValueError(f"gradient_steps must satisfy 1 <= few <= many <= gradient_t_star "
@@ -76,11 +82,11 @@ def unet_flops(purifier: Purifier, batch: int) -> int:
 
 
 def unet_flops_per_second(purifier: Purifier, batch: int = 128, repeats: int = 3) -> float:
-    """Achieved FLOP/s of the UNet forward under bf16 autocast."""
+    """Achieved FLOP/s of the UNet forward at the purifier's precision."""
     size = purifier.diffusion.sample_size
     x = torch.randn(batch, purifier.diffusion.image_channels, size, size)
     t = torch.full((batch,), 100)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast("cpu", purifier.config.precision):
         purifier.diffusion(x, t)
         start = time.perf_counter()
         for _ in range(repeats):
@@ -88,10 +94,12 @@ def unet_flops_per_second(purifier: Purifier, batch: int = 128, repeats: int = 3
     return unet_flops(purifier, batch) * repeats / (time.perf_counter() - start)
 
 
-def matmul_flops_per_second(size: int = 4096, repeats: int = 5) -> float:
-    """Measured FLOP/s of a large bf16 matrix product: the machine's practical ceiling."""
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
+def matmul_flops_per_second(precision: str, size: int = 4096, repeats: int = 5) -> float:
+    """Measured FLOP/s of a large matrix product in ``precision`` (resolved on the CPU): the
+    machine's practical ceiling for the UNet at that precision."""
+    dtype = AUTOCAST_DTYPES[resolve_precision(precision, "cpu")] or torch.float32
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
@@ -122,16 +130,18 @@ def _gradient_step_in_process(t_star: int, num_steps: int, checkpointed: bool, b
 
 def run_benchmark(config: BenchConfig) -> dict:
     """Every figure of the benchmark in one dictionary."""
-    fast = load_defense("cifar10", "victim", batch_size=config.fast_batch_size, seed=config.seed)
+    fast = load_defense("cifar10", "victim", batch_size=config.fast_batch_size, seed=config.seed,
+                        precision=config.precision)
     fast_purifier = fast.purifier
     reference_purifier = fast_purifier.variant(**asdict(reference_config(fast_purifier.config,
                                                                          config.reference_batch_size)))
     data = load_cifar10(default_data_root() / "cifar10-jpeg", "test", n=config.accuracy_images,
                         seed=config.seed)
     sample = data.images[: config.throughput_images]
-    result = {"fast_config": asdict(fast_purifier.config),
+    result = {"hardware": hardware("cpu", config.precision), "fast_config": asdict(fast_purifier.config),
               "reference_config": asdict(reference_purifier.config)}
     result["fast_images_per_second"] = images_per_second(fast_purifier, sample)
+    result |= precision_comparison(fast_purifier, sample, result["fast_images_per_second"])
     result["reference_images_per_second"] = images_per_second(reference_purifier, sample)
     result["speedup"] = result["fast_images_per_second"] / result["reference_images_per_second"]
     # the same path in channels-last layout (off by default: it pays on CUDA, not on this CPU)
@@ -155,11 +165,21 @@ def run_benchmark(config: BenchConfig) -> dict:
         result[f"gradient_{many}_steps_checkpointed"]["peak_extra_mb"]
         / max(1e-9, result[f"gradient_{few}_steps_checkpointed"]["peak_extra_mb"]))
     result["unet_gflops_per_image"] = unet_flops(fast_purifier, 1) / 1e9
-    result["unet_flops_per_second"] = unet_flops_per_second(fast_purifier)
-    result["matmul_bf16_flops_per_second"] = matmul_flops_per_second()
-    result["unet_fraction_of_matmul"] = result["unet_flops_per_second"] / result["matmul_bf16_flops_per_second"]
+    result["unet_flops_per_second"] = unet_flops_per_second(fast_purifier, config.flops_batch_size)
+    result["matmul_flops_per_second"] = matmul_flops_per_second(config.precision, config.matmul_size)
+    result["unet_fraction_of_matmul"] = result["unet_flops_per_second"] / result["matmul_flops_per_second"]
     result["targets_met"] = targets_met(result)
     return result
+
+
+def precision_comparison(fast: Purifier, images: torch.Tensor, fast_images_per_second: float) -> dict:
+    """Where the fast path runs in bf16 natively, its throughput in fp32 too, and which is
+    faster here (the answer differs between CPUs); nothing where it already runs in fp32."""
+    if resolve_precision(fast.config.precision, "cpu") == "fp32":
+        return {}
+    fp32_images_per_second = images_per_second(fast.variant(precision="fp32"), images)
+    faster = "fp32" if fp32_images_per_second > fast_images_per_second else "bf16"
+    return {"fast_fp32_images_per_second": fp32_images_per_second, "faster_precision": faster}
 
 
 def targets_met(result: dict) -> dict[str, bool]:
@@ -180,6 +200,7 @@ def format_benchmark(result: dict) -> str:
     """The benchmark as a short human-readable report with the ratios up front."""
     fast, reference = result["fast_accuracy"], result["reference_accuracy"]
     lines = [
+        describe_hardware(result["hardware"]),
         f"purification throughput: fast {result['fast_images_per_second']:.2f} img/s, "
         f"reference (DiffPure recipe) {result['reference_images_per_second']:.3f} img/s "
         f"-> speed-up {result['speedup']:.1f}x",
@@ -187,6 +208,9 @@ def format_benchmark(result: dict) -> str:
         f"transfer PGD {100 * fast['transfer_robust']:.1f} vs {100 * reference['transfer_robust']:.1f} %",
         f"fast path in channels-last layout: {result['fast_channels_last_images_per_second']:.2f} img/s",
     ]
+    if "fast_fp32_images_per_second" in result:
+        lines.append(f"fast path in fp32: {result['fast_fp32_images_per_second']:.2f} img/s; "
+                     f"{result['faster_precision']} is faster on this machine")
     few, many = result["gradient_steps"]
     for steps in (few, many):
         plain = result[f"gradient_{steps}_steps_plain"]
@@ -199,8 +223,9 @@ def format_benchmark(result: dict) -> str:
                  f"{result[f'checkpointed_memory_ratio_{many}_vs_{few}']:.2f}x")
     lines.append(f"UNet forward: {result['unet_gflops_per_image']:.2f} GFLOP/image, "
                  f"{result['unet_flops_per_second'] / 1e9:.0f} GFLOP/s = "
-                 f"{100 * result['unet_fraction_of_matmul']:.0f} % of the bf16 matmul rate "
-                 f"({result['matmul_bf16_flops_per_second'] / 1e9:.0f} GFLOP/s)")
+                 f"{100 * result['unet_fraction_of_matmul']:.0f} % of the "
+                 f"{result['hardware']['resolved_precision']} matmul rate "
+                 f"({result['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s)")
     lines.append("targets: " + ", ".join(f"{name} {'yes' if met else 'NO'}"
                                          for name, met in result["targets_met"].items()))
     return "\n".join(lines)

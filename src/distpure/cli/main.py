@@ -72,7 +72,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (see configs/)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N images of the subset")
+    parser.add_argument("--limit", type=int,
+                        help="evaluate N images, the first N of the dataset in the order drawn with "
+                             "data.seed (a prefix of any larger run; sets data.limit)")
     parser.add_argument("--out", help="run directory (default: runs/<experiment name>)")
     _overrides_argument(parser)
 
@@ -89,12 +91,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_and_print(config, out: str) -> int:
+    from ..devices import describe_hardware
     from ..evaluation.runner import run_experiment
     from ..evaluation.summary import format_table
 
     summary = run_experiment(config, out)
     if summary:
         print(format_table(summary))
+        print(describe_hardware(summary["hardware"]))
         print(f"\nrun directory: {out}  (distpure report {out} writes report.md)")
     return 0
 
@@ -140,6 +144,23 @@ def _convert_adm(args: argparse.Namespace) -> int:
 
     flags = read_flags(args.config) if args.config else None
     print(f"wrote {convert_adm(args.checkpoint, args.out_dir, flags)}")
+    return 0
+
+
+def _convert_score_sde_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="score_sde checkpoint (e.g. DiffPure's checkpoint_8.pth)")
+    parser.add_argument("out_dir", help="directory to write config.json and model.safetensors to")
+    parser.add_argument("--config", metavar="SETTINGS_JSON",
+                        help="score_sde model settings (default: an NCSN++ config beside the "
+                             "checkpoint, else DDPM++ deep VP continuous, DiffPure's CIFAR-10 model)")
+
+
+@command("convert-score-sde", "convert a score-SDE NCSN++ checkpoint's EMA weights to a directory",
+         _convert_score_sde_arguments)
+def _convert_score_sde(args: argparse.Namespace) -> int:
+    from ..models.ncsnpp import convert_score_sde
+
+    print(f"wrote {convert_score_sde(args.checkpoint, args.out_dir, args.config)}")
     return 0
 
 

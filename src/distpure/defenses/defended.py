@@ -20,6 +20,16 @@ class DefendedClassifier(nn.Module):
         self.purifier = purifier
         self.votes = votes
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether its predictions are random (a purifier or preprocessing with fresh noise)."""
+        return bool(getattr(self.purifier, "stochastic", False))
+
+    def with_purifier(self, purifier: nn.Module | None) -> "DefendedClassifier":
+        """The same victim and votes behind another purifier (e.g. the attacker's variant):
+        attacker and scorer attack and score the same defence."""
+        return DefendedClassifier(self.victim, purifier, self.votes)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_unit_images(images)
         if self.purifier is None:

@@ -14,6 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..devices import autocast
+from ..validation import check_choice
+
+#: the guidance terms ``build_guidance`` knows; a spec is ``none``, one of them, or a ``+`` sum
+GUIDANCE_TERMS = ("victim", "mse")
+SCHEDULES = ("constant", "linear-up", "linear-down")
+#: what victim guidance follows: the victim's arg-max class at x̂0 (``hard``), its whole
+#: distribution (``soft``), or ``hard`` with the ``soft`` derivative for an attacker
+#: (``straight-through``; the purification itself is exactly ``hard``)
+TARGETS = ("hard", "soft", "straight-through")
 
 
 @dataclass
@@ -37,8 +46,7 @@ class Guidance(nn.Module):
     def __init__(self, scale: float = 1.0,
                  schedule: Literal["constant", "linear-up", "linear-down"] = "constant") -> None:
         super().__init__()
-        if schedule not in ("constant", "linear-up", "linear-down"):
-            raise ValueError(f"unknown guidance schedule {schedule!r}")
+        check_choice("guidance schedule", schedule, SCHEDULES)
         self.scale = float(scale)
         self.schedule = schedule
 
@@ -60,26 +68,57 @@ class Guidance(nn.Module):
         """``scale(t) * log p`` per sample: the quantity whose x_t-gradient shifts the score."""
         return self.scale_at(state.progress) * self.log_likelihood(state)
 
+    def backward_log_likelihood(self, state: GuidanceState) -> torch.Tensor | None:
+        """For a straight-through guidance, the weighted log-likelihood whose gradient an attacker
+        differentiates in place of this one's; ``None`` (the default): differentiate this one."""
+        return None
+
+    def gradient(self, state: GuidanceState, create_graph: bool = False) -> torch.Tensor:
+        """The shift of the score, ∇_{x_t} of ``scale(t) * log p``; with ``create_graph`` it stays
+        differentiable in x_t (an attack). A straight-through guidance then keeps this value bit
+        for bit but takes its derivative from the gradient of ``backward_log_likelihood``."""
+        value, = torch.autograd.grad(self.weighted_log_likelihood(state).sum(), state.x_t,
+                                     create_graph=create_graph)
+        relaxed = self.backward_log_likelihood(state) if create_graph else None
+        if relaxed is None:
+            return value
+        # create_graph changes the kernels, so the value is taken with it too: bit-identical
+        surrogate, = torch.autograd.grad(relaxed.sum(), state.x_t, create_graph=True)
+        return value.detach() + (surrogate - surrogate.detach())
+
 
 class VictimGuidance(Guidance):
     """The paper's guidance: the protected classifier's log-probability of the class it assigns
-    to the current clean-image estimate x̂0 (``hard``), or of its own distribution (``soft``)."""
+    to the current clean-image estimate x̂0 (``hard``), or of its own distribution (``soft``).
+
+    ``straight-through`` purifies exactly as ``hard``; an attacker who differentiates the
+    purification gets, for the guidance's shift, the derivative the ``soft`` target's shift has
+    at the same state (the hard target is piecewise constant and jumps where the arg-max flips)."""
 
     def __init__(self, victim: nn.Module, scale: float = 3.0, schedule: str = "constant",
-                 target: Literal["hard", "soft"] = "hard", precision: str = "fp32") -> None:
+                 target: Literal["hard", "soft", "straight-through"] = "hard",
+                 precision: str = "auto") -> None:
         super().__init__(scale, schedule)
-        if target not in ("hard", "soft"):
-            raise ValueError(f"victim guidance target must be 'hard' or 'soft', got {target!r}")
+        check_choice("victim guidance target", target, TARGETS)
         self.victim = victim
         self.target = target
         self.precision = precision
 
     def log_likelihood(self, state: GuidanceState) -> torch.Tensor:
+        return self._log_likelihood(state, soft=self.target == "soft")
+
+    def backward_log_likelihood(self, state: GuidanceState) -> torch.Tensor | None:
+        if self.target != "straight-through":
+            return None
+        return self.scale_at(state.progress) * self._log_likelihood(state, soft=True)
+
+    def _log_likelihood(self, state: GuidanceState, soft: bool) -> torch.Tensor:
+        """log p(arg-max class | x̂0), or its mean under the victim's (detached) distribution."""
         images = (state.x0_hat + 1.0) / 2.0
         with autocast(images.device, self.precision):
             logits = self.victim(images)
         log_probs = F.log_softmax(logits.to(images.dtype), dim=1)
-        if self.target == "hard":
+        if not soft:
             chosen = log_probs.detach().argmax(dim=1, keepdim=True)
             return log_probs.gather(1, chosen).squeeze(1)
         return (log_probs.detach().exp() * log_probs).sum(dim=1)
@@ -115,25 +154,46 @@ class CombinedGuidance(Guidance):
     def weighted_log_likelihood(self, state: GuidanceState) -> torch.Tensor:
         return sum(term.weighted_log_likelihood(state) for term in self.terms)
 
+    def backward_log_likelihood(self, state: GuidanceState) -> torch.Tensor | None:
+        """The sum with each straight-through term replaced by its relaxation (None if none is)."""
+        relaxed = [term.backward_log_likelihood(state) for term in self.terms]
+        if all(term is None for term in relaxed):
+            return None
+        return sum(term.weighted_log_likelihood(state) if backward is None else backward
+                   for term, backward in zip(self.terms, relaxed))
+
+
+def guidance_terms(spec: str | None) -> list[str]:
+    """The term names of a guidance spec (``victim+mse`` -> victim, mse; ``none`` -> none of
+    them); an unknown name is an error naming it and the choices."""
+    if spec in (None, "", "none"):
+        return []
+    if not isinstance(spec, str):
+        raise ValueError(f"guidance must be a name such as victim or victim+mse, got {spec!r}")
+    names = [name.strip() for name in spec.split("+")]
+    for name in names:
+        if name not in GUIDANCE_TERMS:
+            raise ValueError(f"unknown guidance {name!r}; expected none, {', '.join(GUIDANCE_TERMS)} "
+                             "or a '+' combination such as victim+mse")
+    return names
+
 
 def build_guidance(spec: str | None, victim: nn.Module | None = None, **options) -> Guidance | None:
     """Guidance from a name: ``none``, ``victim``, ``mse``, or a combination ``victim+mse``.
 
     ``options`` may hold ``victim_scale``, ``mse_scale``, ``schedule``, ``target``, ``precision``.
     """
-    if spec in (None, "", "none"):
+    terms = [_build_term(name, victim, options) for name in guidance_terms(spec)]
+    if not terms:
         return None
-    terms = [_build_term(name.strip(), victim, options) for name in spec.split("+")]
     return terms[0] if len(terms) == 1 else CombinedGuidance(terms)
 
 
 def _build_term(name: str, victim: nn.Module | None, options: dict) -> Guidance:
     schedule = options.get("schedule", "constant")
-    if name == "victim":
-        if victim is None:
-            raise ValueError("victim guidance needs the victim classifier")
-        return VictimGuidance(victim, options.get("victim_scale", 3.0), schedule,
-                              options.get("target", "hard"), options.get("precision", "fp32"))
     if name == "mse":
         return MSEGuidance(options.get("mse_scale", 0.5), schedule)
-    raise ValueError(f"unknown guidance {name!r}; expected none, victim, mse or a '+' combination")
+    if victim is None:
+        raise ValueError("victim guidance needs the victim classifier")
+    return VictimGuidance(victim, options.get("victim_scale", 3.0), schedule,
+                          options.get("target", "hard"), options.get("precision", "auto"))

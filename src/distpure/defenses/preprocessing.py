@@ -125,6 +125,8 @@ class RandomResizePad(nn.Module):
     """Xie et al. (2018), per image: resize to a random s' ∈ [s, ⌊scale·s⌋], zero-pad at a random
     offset to ⌊scale·s⌋, then resize back to s; ``seed`` makes the draws reproducible."""
 
+    stochastic = True
+
     def __init__(self, scale: float = 1.1, mode: str = "nearest", seed: int = 0) -> None:
         super().__init__()
         if scale < 1.0:

@@ -6,31 +6,45 @@ processes fit in memory.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..devices import autocast
-from ..models.diffusion import DiffusionModel
+from ..devices import autocast, check_precision
+from ..models.diffusion import NoisePredictor
 from ..sampling.reverse import StepCoefficients, predict_x0, reverse_step, step_coefficients
 from ..sampling.schedule import forward_diffuse, resolve_t_star, reverse_timesteps
-from ..validation import check_unit_images
-from .guidance import Guidance, GuidanceState, build_guidance
+from ..sampling.sde import T_END, reverse_sde_step, reverse_sde_times
+from ..seeding import derive_seed
+from ..validation import check_choice, check_unit_images
+from .guidance import SCHEDULES, TARGETS, Guidance, GuidanceState, build_guidance, guidance_terms
 from .recompute import recomputed_in_backward
+
+
+SAMPLERS = ("ddpm", "sde")
 
 
 @dataclass
 class PurifierConfig:
     """How to purify. ``guidance`` is ``none`` (DiffPure), ``victim`` (the paper), ``mse`` (GDMP)
-    or a ``+`` combination; ``num_steps=None`` runs every DDPM step from t*.
+    or a ``+`` combination; ``num_steps=None`` runs every DDPM step from t*. ``sampler`` is
+    ``ddpm`` (DDPM/DDIM steps: ``num_steps``, ``eta``) or ``sde`` (DiffPure's: the reverse VP-SDE
+    by Euler-Maruyama from t* = ``t_star`` / N of its time with step ``dt``; the guidance adds
+    to the score as it does in ε-space; ``num_steps`` and ``eta`` do not apply). Victim guidance's
+    ``target`` is ``hard`` (the paper), ``soft``, or ``straight-through`` (for an attacker's copy:
+    it purifies exactly as ``hard``; see ``VictimGuidance``).
 
-    Speed options that do not change the defence: ``precision`` (autocast: bf16 on CPU, bf16 or
-    fp16 on CUDA), ``channels_last`` (NHWC convolutions; faster on CUDA tensor cores, no faster on
-    this CPU; converts the diffusion model's weights in place) and ``compile`` (``torch.compile``
-    the denoiser once per process)."""
+    Speed options that do not change the defence: ``precision`` (autocast; ``auto`` is bf16 where
+    the hardware has it natively, else fp32 on CPU and fp16 on CUDA), ``channels_last`` (NHWC
+    convolutions; faster on CUDA tensor cores, no faster on this CPU; converts the diffusion
+    model's weights in place) and ``compile`` (``torch.compile`` the denoiser once per process).
+
+    ``frozen_noise`` draws the same noise at every call, per sample (see ``bind_samples``): the
+    deterministic white-box threat model."""
 
     t_star: int | float = 100
     num_steps: int | None = 10
@@ -42,13 +56,22 @@ class PurifierConfig:
     target: str = "hard"
     guidance_through_denoiser: bool = False
     clip_x0: bool = True
-    precision: str = "bf16"
+    precision: str = "auto"
     channels_last: bool = False
     compile: bool = False
     batch_size: int = 256
     checkpoint_steps: bool = False
     seed: int = 0
     frozen_noise: bool = False
+    sampler: str = "ddpm"
+    dt: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        guidance_terms(self.guidance)
+        check_choice("guidance schedule", self.schedule, SCHEDULES)
+        check_choice("victim guidance target", self.target, TARGETS)
 
 
 @dataclass
@@ -63,7 +86,7 @@ class PurificationNoise:
 class Purifier(nn.Module):
     """Maps images in [0, 1] to purified images in [0, 1] (N x C x H x W)."""
 
-    def __init__(self, diffusion: DiffusionModel, config: PurifierConfig | None = None,
+    def __init__(self, diffusion: NoisePredictor, config: PurifierConfig | None = None,
                  victim: nn.Module | None = None, guidance: Guidance | None = None) -> None:
         super().__init__()
         self.config = config or PurifierConfig()
@@ -77,14 +100,49 @@ class Purifier(nn.Module):
             mse_scale=self.config.mse_scale, schedule=self.config.schedule,
             target=self.config.target, precision=self.config.precision)
         self.t_star = resolve_t_star(self.config.t_star, diffusion.num_train_timesteps)
-        self.timesteps = reverse_timesteps(self.t_star, self.config.num_steps)
+        # the steps' start times: integer steps (ddpm), or times of the SDE in (0, 1] (sde)
+        self.sde = diffusion.sde if self.config.sampler == "sde" else None
+        t_star_time = self.t_star / diffusion.num_train_timesteps
+        self.timesteps = (reverse_sde_times(t_star_time, self.config.dt) if self.sde is not None
+                          else reverse_timesteps(self.t_star, self.config.num_steps))
         self._generator = torch.Generator().manual_seed(self.config.seed)
+        self._variants = 0
+        self._samples: tuple[torch.Tensor, list[int]] | None = None
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether two calls on the same images may differ (fresh noise each call)."""
+        return not self.config.frozen_noise
 
     def variant(self, **overrides) -> "Purifier":
-        """The same defence with some settings changed (e.g. checkpointing for an attack, frozen
-        noise, fewer steps for a surrogate); shares the diffusion model and the victim."""
+        """The same defence with some settings changed (e.g. checkpointing for an attack, fewer
+        steps for a surrogate); shares the diffusion model and the victim.
+
+        Without an explicit ``seed`` a fresh-noise variant gets a noise stream of its own
+        (derived from this purifier's seed and a counter), so that an attacker's copy never
+        replays the draws of the purifier that scores it; a frozen-noise variant keeps its
+        noise, which is part of the defence it copies (and so does its sample binding)."""
+        if "seed" not in overrides and not replace(self.config, **overrides).frozen_noise:
+            self._variants += 1
+            overrides["seed"] = derive_seed(self.config.seed, "variant", self._variants)
         guidance = self.guidance if self._custom_guidance else None
-        return Purifier(self.diffusion, replace(self.config, **overrides), self.guidance_victim, guidance)
+        variant = Purifier(self.diffusion, replace(self.config, **overrides), self.guidance_victim, guidance)
+        variant._samples = self._samples if variant.config.seed == self.config.seed else None
+        return variant
+
+    def bind_samples(self, originals: torch.Tensor, keys: list[int]) -> "Purifier":
+        """This frozen-noise purifier with each sample's noise keyed by ``keys`` (e.g. dataset
+        indices) instead of its position in a call: an input belongs to the sample whose clean
+        image in ``originals`` is nearest in L∞. Adversarial examples stay in their ε-ball, so
+        an attack that calls the defence on any subset or order of a batch (AutoAttack) sees
+        the same noise per sample as the scorer."""
+        if not self.config.frozen_noise:
+            raise ValueError("bind_samples needs frozen_noise=True: fresh noise has no fixed draw to key")
+        if len(originals) != len(keys):
+            raise ValueError(f"{len(originals)} original images but {len(keys)} keys")
+        bound = self.variant()
+        bound._samples = (originals.detach().flatten(1), list(keys))
+        return bound
 
     def reseed(self, seed: int) -> None:
         """Restart the noise stream: purifications after this are reproducible from ``seed``."""
@@ -97,11 +155,30 @@ class Purifier(nn.Module):
         images = images.to(next(self.diffusion.parameters()).dtype)
         if noise is not None:
             return self._purify(images, noise)
-        generator = (torch.Generator().manual_seed(self.config.seed)
-                     if self.config.frozen_noise else self._generator)
-        chunks = images.split(self.config.batch_size)
-        return torch.cat([self._purify(chunk, self.draw_noise(chunk.shape, generator))
-                          for chunk in chunks])
+        if self.config.frozen_noise:
+            keys = self._sample_keys(images)
+            return torch.cat([self._purify(chunk, self._frozen_noise(chunk.shape, keys[start:]))
+                              for start, chunk in zip(range(0, len(images), self.config.batch_size),
+                                                      images.split(self.config.batch_size))])
+        return torch.cat([self._purify(chunk, self.draw_noise(chunk.shape, self._generator))
+                          for chunk in images.split(self.config.batch_size)])
+
+    def _sample_keys(self, images: torch.Tensor) -> list[int]:
+        """Which sample each row is: its bound key (nearest original in L∞) or its position."""
+        if self._samples is None:
+            return list(range(len(images)))
+        originals, keys = self._samples
+        nearest = torch.cdist(images.detach().flatten(1).float(), originals.to(images.device).float(),
+                              p=float("inf")).argmin(1)
+        return [keys[i] for i in nearest.tolist()]
+
+    def _frozen_noise(self, shape: torch.Size, keys: list[int]) -> PurificationNoise:
+        """Each sample's own fixed draw, from a generator seeded by (seed, its key)."""
+        draws = [self.draw_noise((1, *shape[1:]), torch.Generator().manual_seed(
+            derive_seed(self.config.seed, "frozen-sample", key))) for key in keys[: shape[0]]]
+        return PurificationNoise(torch.cat([d.forward for d in draws]),
+                                 torch.cat([d.steps for d in draws], dim=1),
+                                 torch.cat([d.targets for d in draws], dim=1))
 
     def draw_noise(self, shape: torch.Size, generator: torch.Generator) -> PurificationNoise:
         """Draw every noise tensor one purification of a batch of ``shape`` needs (on CPU, so
@@ -116,20 +193,27 @@ class Purifier(nn.Module):
         device = images.device
         x_input = images * 2.0 - 1.0
         alphas_cumprod = self.diffusion.alphas_cumprod.to(device)
-        x = forward_diffuse(x_input, alphas_cumprod[self.t_star], noise.forward.to(device))
-        for index, (t, t_prev) in enumerate(self._step_pairs()):
-            c = step_coefficients(alphas_cumprod, t, t_prev)
+        # DiffPure diffuses its SDE's start with the ᾱ of t* discrete steps, ᾱ[t* - 1]
+        start = self.t_star - 1 if self.sde is not None else self.t_star
+        x = forward_diffuse(x_input, alphas_cumprod[start], noise.forward.to(device))
+        for index, step in enumerate(self._steps(alphas_cumprod)):
             progress = index / max(1, len(self.timesteps) - 1)
-            step = partial(self._reverse_step, step_noise=noise.steps[index].to(device),
-                           target_noise=noise.targets[index].to(device), t=t, c=c, progress=progress)
+            step = partial(step, step_noise=noise.steps[index].to(device),
+                           target_noise=noise.targets[index].to(device), progress=progress)
             if self.config.checkpoint_steps and torch.is_grad_enabled():
                 x = recomputed_in_backward(step, x, x_input)
             else:
                 x = step(x, x_input)
         return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
-    def _step_pairs(self) -> Iterator[tuple[int, int]]:
-        return zip(self.timesteps, [*self.timesteps[1:], -1])
+    def _steps(self, alphas_cumprod: torch.Tensor) -> Iterator[Callable[..., torch.Tensor]]:
+        """The reverse steps in order, each waiting for (x_t, x_input, noises, progress)."""
+        if self.sde is not None:
+            ends = [*self.timesteps[1:], T_END]
+            return (partial(self._sde_step, t=t, dt=t - end) for t, end in zip(self.timesteps, ends))
+        ends = [*self.timesteps[1:], -1]
+        return (partial(self._reverse_step, t=t, c=step_coefficients(alphas_cumprod, t, t_prev))
+                for t, t_prev in zip(self.timesteps, ends))
 
     def _reverse_step(self, x_t: torch.Tensor, x_input: torch.Tensor, step_noise: torch.Tensor,
                       target_noise: torch.Tensor, t: int, c: StepCoefficients,
@@ -137,8 +221,20 @@ class Purifier(nn.Module):
         eps, variance = self._guided_prediction(x_t, x_input, target_noise, t, c, progress)
         return reverse_step(x_t, eps, c, step_noise, self.config.eta, variance, self.config.clip_x0)
 
+    def _sde_step(self, x_t: torch.Tensor, x_input: torch.Tensor, step_noise: torch.Tensor,
+                  target_noise: torch.Tensor, t: float, dt: float, progress: float) -> torch.Tensor:
+        """One Euler-Maruyama step of the reverse VP-SDE from t to t - dt at time label (N-1)·t,
+        score -ε / std(t) with ε guided as in the ddpm steps (ᾱ of the SDE's marginal), so the
+        score gains scale · ∇ log p. A learned variance goes unused, as in DiffPure."""
+        alpha_bars = (torch.tensor(self.sde.alpha_bar(s), dtype=torch.float64, device=x_t.device)
+                      for s in (t, t - dt))
+        label = t * (self.diffusion.num_train_timesteps - 1)
+        eps, _ = self._guided_prediction(x_t, x_input, target_noise, label, StepCoefficients(*alpha_bars),
+                                         progress)
+        return reverse_sde_step(x_t, -eps / self.sde.std(t), self.sde, t, dt, math.sqrt(dt) * step_noise)
+
     def _guided_prediction(self, x_t: torch.Tensor, x_input: torch.Tensor, target_noise: torch.Tensor,
-                           t: int, c: StepCoefficients, progress: float
+                           t: int | float, c: StepCoefficients, progress: float
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ε, learned variance or None) with the guidance shift applied to ε.
 
@@ -155,13 +251,12 @@ class Purifier(nn.Module):
                 eps, variance = self._denoise(x_view if through_denoiser else x_t, t)
             x0_hat = predict_x0(x_view, eps, c.alpha_bar, self.config.clip_x0)
             state = GuidanceState(x_view, x0_hat, x_input, c.alpha_bar, progress, target_noise)
-            log_likelihood = self.guidance.weighted_log_likelihood(state).sum()
-            gradient, = torch.autograd.grad(log_likelihood, x_view, create_graph=differentiable)
+            gradient = self.guidance.gradient(state, create_graph=differentiable)
         guided = eps - (1.0 - c.alpha_bar).sqrt() * gradient
         return (guided, variance) if differentiable else (guided.detach(), variance)
 
-    def _denoise(self, x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    def _denoise(self, x_t: torch.Tensor, t: int | float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        timestep = torch.full((x_t.shape[0],), t, device=x_t.device)  # int64 steps, float32 labels
         if self.config.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         with autocast(x_t.device, self.config.precision):
@@ -173,7 +268,7 @@ class Purifier(nn.Module):
         return output, None
 
 
-def _compiled(diffusion: DiffusionModel) -> nn.Module:
+def _compiled(diffusion: NoisePredictor) -> nn.Module:
     """``torch.compile(diffusion)``, made once and kept on the model (outside its submodules, so
     state dicts are unchanged) so that every purifier variant shares the compiled code."""
     if "_compiled" not in diffusion.__dict__:
@@ -181,7 +276,7 @@ def _compiled(diffusion: DiffusionModel) -> nn.Module:
     return diffusion.__dict__["_compiled"]
 
 
-def _check_images(images: torch.Tensor, diffusion: DiffusionModel) -> None:
+def _check_images(images: torch.Tensor, diffusion: NoisePredictor) -> None:
     """Refuse inputs the diffusion model cannot purify, naming what is wrong."""
     check_unit_images(images)
     if images.ndim != 4:

@@ -1,11 +1,21 @@
 """Experiment configuration: data, models, defences and attacks, as dataclasses read from YAML."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, TypeVar
+
+from torch import nn
 
 from ..attacks.suite import AttackConfig
 from ..config import from_dict, load_yaml, merge
+from ..defenses.preprocessing import build_preprocessing
+from ..defenses.purifier import PurifierConfig
+from ..defenses.recommended import recommended_purifier_config
+from ..devices import check_precision
+from ..validation import check_choice
+from .protocol import SCORINGS
 
 DEFENSE_KINDS = ("none", "purifier", "preprocessing", "classifier")
 
@@ -23,10 +33,14 @@ class DataConfig:
 
 @dataclass
 class ModelsConfig:
-    """The victim and the diffusion model: registry names or local paths."""
+    """The victim and the diffusion model: names (registered, ``timm:<model>``,
+    ``robustbench:<zoo model>``, your ``package.module:callable``) or local paths.
+    ``victim_options`` are the victim builder's keywords (RobustBench: ``dataset``,
+    ``threat_model``, ``model_dir``)."""
 
     victim: str = "cifar10-resnet18"
     victim_arch: str | None = None
+    victim_options: dict = field(default_factory=dict)
     diffusion: str = "cifar10-ddpm-small"
 
 
@@ -34,7 +48,8 @@ class ModelsConfig:
 class DefenseConfig:
     """One defence. ``purifier`` overrides the recommended purifier settings; ``preprocessing``
     names a baseline (``{"name": "jpeg", "quality": 75}``); ``classifier`` replaces the victim
-    (e.g. an adversarially trained model) with no purification."""
+    (e.g. an adversarially trained model, ``robustbench:<zoo model>``) with no purification,
+    built with ``classifier_options`` as ``models.victim`` is with ``victim_options``."""
 
     name: str
     kind: str = "purifier"
@@ -42,12 +57,42 @@ class DefenseConfig:
     preprocessing: dict = field(default_factory=dict)
     classifier: str | None = None
     classifier_arch: str | None = None
+    classifier_options: dict = field(default_factory=dict)
     votes: int = 1
 
     def __post_init__(self) -> None:
-        if self.kind not in DEFENSE_KINDS:
-            raise ValueError(f"defence {self.name!r}: unknown kind {self.kind!r}; "
-                             f"expected one of {', '.join(DEFENSE_KINDS)}")
+        check_choice("defence kind", self.kind, DEFENSE_KINDS)
+        if self.votes < 1:
+            raise ValueError(f"votes must be at least 1, got {self.votes}")
+        for kind in ("purifier", "preprocessing", "classifier"):
+            if getattr(self, kind) and self.kind != kind:
+                raise ValueError(f"{kind!r} is set, but it applies to kind {kind!r}, not {self.kind!r}")
+        if self.kind == "classifier" and not self.classifier:
+            raise ValueError("kind 'classifier' needs 'classifier' (the model that replaces the victim)")
+        if self.kind == "preprocessing":
+            self.build_preprocessing()  # a bad name, option or value fails now, not in the run
+
+    def build_preprocessing(self) -> nn.Module:
+        """The ``preprocessing`` module: ``name`` (jpeg, bit-depth, ...) and its options."""
+        options = dict(self.preprocessing)
+        return build_preprocessing(options.pop("name", None), **options)
+
+
+@dataclass
+class EvaluationConfig:
+    """How examples are scored (see ``protocol``): ``draws`` (R) independent purifications per
+    example whose noise no attacker saw, and the ``headline`` scoring that tables and plots lead
+    with (expected, worst or majority; all three are always reported)."""
+
+    draws: int = 10
+    headline: str = "expected"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.draws, bool) or not isinstance(self.draws, int) or self.draws < 1:
+            raise ValueError(f"evaluation.draws must be a whole number of at least 1, got {self.draws!r}")
+        if self.headline not in SCORINGS:
+            raise ValueError(f"evaluation.headline must be one of {', '.join(SCORINGS)}, "
+                             f"got {self.headline!r}")
 
 
 @dataclass
@@ -60,17 +105,23 @@ class ExperimentConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     defenses: list[DefenseConfig] = field(default_factory=list)
     attacks: list[AttackConfig] = field(default_factory=list)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"
-    precision: str = "bf16"
+    precision: str = "auto"
     paper: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.defenses = [d if isinstance(d, DefenseConfig) else from_dict(DefenseConfig, d)
-                         for d in self.defenses]
-        self.attacks = [a if isinstance(a, AttackConfig) else from_dict(AttackConfig, a)
-                        for a in self.attacks]
+        check_precision(self.precision)
+        if isinstance(self.evaluation, dict):
+            self.evaluation = from_dict(EvaluationConfig, self.evaluation)
+        self.defenses = _build_items(DefenseConfig, self.defenses, "defence")
+        self.attacks = _build_items(AttackConfig, self.attacks, "attack")
+        for defense in self.defenses:
+            if defense.kind == "purifier":
+                with _naming(f"defence {defense.name!r}: purifier settings"):
+                    self.purifier_config(defense)
         for kind, items in (("defence", self.defenses), ("attack", self.attacks)):
             names = [item.name for item in items]
             if len(set(names)) != len(names):
@@ -80,6 +131,35 @@ class ExperimentConfig:
         for index, attack in enumerate(self.attacks):
             if attack.start_from is not None:
                 _check_start(attack, {a.name: a for a in self.attacks[:index]})
+
+    def purifier_config(self, defense: DefenseConfig) -> PurifierConfig:
+        """The purifier settings a ``purifier`` defence runs with: the dataset's recommended
+        settings, the experiment's ``precision``, then the defence's own overrides."""
+        options = {"precision": self.precision, **defense.purifier}
+        return recommended_purifier_config(self.data.dataset, options.pop("guidance", "victim"), **options)
+
+
+Item = TypeVar("Item", DefenseConfig, AttackConfig)
+
+
+def _build_items(cls: type[Item], items: list, noun: str) -> list[Item]:
+    """``items`` (mappings from YAML, or built already) as ``cls``; an error names the item."""
+    built = []
+    for index, item in enumerate(items):
+        name = item.get("name") if isinstance(item, dict) else getattr(item, "name", None)
+        with _naming(f"{noun} {name!r}" if name is not None else f"{noun} #{index + 1}"):
+            built.append(item if isinstance(item, cls) else from_dict(cls, item))
+    return built
+
+
+@contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """Re-raise a configuration error as a ValueError that starts with ``where`` it is."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise ValueError(f"{where}: {message}") from error
 
 
 def _check_start(attack: AttackConfig, earlier: dict[str, AttackConfig]) -> None:
@@ -95,8 +175,8 @@ def _check_start(attack: AttackConfig, earlier: dict[str, AttackConfig]) -> None
 
 def load_experiment(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
     """Read an experiment YAML, apply ``overrides`` (e.g. from ``--set``), validate it."""
-    values = merge(load_yaml(path), overrides or {})
+    values = load_yaml(path)
     try:
-        return from_dict(ExperimentConfig, values)
+        return from_dict(ExperimentConfig, merge(values, overrides or {}))
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from error

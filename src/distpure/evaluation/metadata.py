@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..devices import hardware
+
 PACKAGES = ("distpure", "torch", "torchvision", "diffusers", "safetensors", "pyautoattack", "numpy")
 
 
@@ -33,11 +35,11 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, precision: str = "auto") -> dict:
+    """Code and machine behind a run: commit, packages, Python, and the hardware with
+    ``precision`` as configured and as resolved on ``device``."""
     return {"git_commit": git_commit(), "packages": package_versions(), "python": platform.python_version(),
-            "device": str(device), "device_name": torch.cuda.get_device_name(device)
-            if device.type == "cuda" else platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads()}
+            "hardware": hardware(device, precision)}
 
 
 class RunClock:

@@ -3,13 +3,18 @@
 Each record is written and flushed as soon as it exists. A run killed mid-write leaves at most
 a torn last line, which ``read_records`` detects and drops (and ``RecordWriter`` truncates), so
 a restarted run recomputes exactly the missing records: nothing lost, nothing duplicated.
+
+A record names its sample twice: ``index`` is its position in the evaluation order (the seeded
+random order of the data; part of the record's key) and ``dataset_index`` its position in the
+dataset itself. Records written before the order was randomised have ``index`` only (then the
+position in the class-ordered subset).
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 Key = tuple[int, str, str]
 
@@ -28,6 +33,27 @@ def _complete_lines(path: Path) -> Iterator[tuple[bytes, dict]]:
                 yield line, json.loads(line)
             except json.JSONDecodeError:
                 return
+
+
+def check_dataset_indices(records: Iterable[dict], dataset_indices: Sequence[int]) -> None:
+    """Refuse to resume ``records`` unless each one's ``dataset_index`` is the image the data now
+    puts at its ``index`` (the position in the evaluation order): otherwise the resumed run
+    would mix two orders, evaluating some images twice and others never. Runs written before
+    the order was randomised (class order) stored no ``dataset_index``; they can be reported
+    but not resumed."""
+    for record in records:
+        position = int(record["index"])
+        stored = record.get("dataset_index")
+        expected = dataset_indices[position] if position < len(dataset_indices) else None
+        if stored is None or int(stored) != expected:
+            found = "no dataset index" if stored is None else f"dataset image {stored}"
+            now = (f"dataset image {expected} there" if expected is not None
+                   else f"only {len(dataset_indices)} images")
+            raise ValueError(f"results record {position} ({record['defense']} / {record['attack']}) "
+                             f"names {found}, but the data now holds {now} "
+                             "(records without a dataset index come from before evaluation order "
+                             "was randomised); finish the run with the version that started it, "
+                             "or use another --out directory")
 
 
 def read_records(path: str | Path) -> list[dict]:

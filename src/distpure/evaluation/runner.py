@@ -1,23 +1,22 @@
 """Run an experiment: every (sample, defence, attack) record appended as soon as it exists.
 
-A run directory holds ``config.yaml``, ``results.jsonl`` (records; resumable), ``metadata.json``,
-``summary.json`` and ``examples/`` (a few clean / adversarial / purified images for the report).
+The files of a run directory are defined in ``rundir``; who scores with which noise in
+``protocol``. Each batch is attacked once per (defence, attack) and every example scored by
+the experiment's R draws.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from ..attacks.suite import AttackConfig, craft, evaluation_model
+from ..attacks.suite import AttackConfig, Crafted, craft
 from ..data import LabelledImages, default_data_root, load_dataset
 from ..defenses.defended import DefendedClassifier
-from ..defenses.recommended import build_purified_classifier, recommended_purifier_config
+from ..defenses.recommended import build_purified_classifier
 from ..devices import resolve_device
 from ..models.classifiers import load_classifier
 from ..models.diffusion import load_diffusion
@@ -25,60 +24,59 @@ from ..models.weights import save_tensors
 from .config import DefenseConfig, ExperimentConfig
 from .distributed import Shard, current_shard, finish, shard_device
 from .metadata import RunClock, environment
-from .records import RecordWriter, read_records, record_key, write_sorted
+from ..seeding import derive_seed
+from .protocol import predict_draws, scorers
+from .records import RecordWriter, check_dataset_indices, record_key, write_sorted
+from .resolved import claim_run_dir, resolved_settings
+from .rundir import RunDirectory
 from .summary import summarize
 
-RESULTS = "results.jsonl"
 EXAMPLES_PER_PAIR = 8
 DEFAULT_DATA_FOLDERS = {"cifar10": "cifar10-jpeg", "imagenet30": "imagenet30-samples"}
 
 
-def seed_for(*parts: object) -> int:
-    """A 31-bit seed that depends only on ``parts`` (same on every process and platform)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress: bool = True) -> dict:
     """Run (or resume) ``config`` in ``run_dir`` and return its summary."""
-    run_dir = Path(run_dir)
+    files = RunDirectory(run_dir)
     device = shard_device(resolve_device(config.device))
     shard = current_shard(device)
-    if shard.is_main:
-        _claim_run_dir(run_dir, config)
-    shard.barrier()
-    clock = RunClock(run_dir / "metadata.json")
     data = load_experiment_data(config)
     defenses = build_defenses(config, device)
     check_compatible(config, data, defenses, device)
-    done = {record_key(r) for r in _existing_records(run_dir)}
+    if shard.is_main:
+        claim_run_dir(files, config, resolved_settings(config, defenses))
+    shard.barrier()
+    clock = RunClock(files.metadata)
+    existing = files.records()
+    check_dataset_indices(existing, data.indices.tolist())
+    done = {record_key(r) for r in existing}
     batches = list(enumerate(range(0, len(data), config.batch_size)))
     work = [(b, start) for b, start in batches if shard.owns(b)]
-    writer_path = run_dir / (RESULTS if shard.world_size == 1 else f"results.rank{shard.rank}.jsonl")
+    writer_path = files.results if shard.world_size == 1 else files.shard_results(shard.rank)
     pairs = [(d, a) for d in config.defenses for a in config.attacks]
     with RecordWriter(writer_path) as writer, tqdm(total=len(work) * len(pairs), disable=not show_progress,
                                                    desc=config.name, dynamic_ncols=True) as progress:
         for batch_index, start in work:
             indices = list(range(start, min(start + config.batch_size, len(data))))
-            crafted: dict[tuple[str, str], torch.Tensor] = {}
+            crafted: dict[tuple[str, str], Crafted] = {}
             for defense_config, attack in pairs:
                 keys = [(i, defense_config.name, attack.name) for i in indices]
                 if not all(key in done for key in keys):
-                    records = _evaluate_batch(config, defenses[defense_config.name], defense_config,
-                                              attack, data, indices, batch_index, device, run_dir,
-                                              crafted)
-                    writer.write(records)
+                    batch = _Batch(config, data, indices, batch_index, device, files)
+                    writer.write(_evaluate_batch(batch, defenses[defense_config.name], defense_config,
+                                                 attack, crafted))
                 progress.update(1)
             if shard.is_main:
                 clock.save()
     shard.barrier()
-    summary = _finalize(config, run_dir, shard, clock, device) if shard.is_main else {}
+    summary = _finalize(config, files, shard, clock, device) if shard.is_main else {}
     finish(shard)
     return summary
 
 
 def load_experiment_data(config: ExperimentConfig) -> LabelledImages:
-    """The evaluation images: a seeded subset of ``limit`` samples of the configured dataset."""
+    """The evaluation images: a seeded subset of ``limit`` samples of the configured dataset, in
+    seeded random order (so the records of a run stopped early are a fair sample)."""
     data_config = config.data
     root = data_config.root or default_data_root() / DEFAULT_DATA_FOLDERS.get(data_config.dataset, "")
     return load_dataset(data_config.dataset, root, data_config.split, data_config.limit, data_config.seed)
@@ -111,7 +109,8 @@ def check_compatible(config: ExperimentConfig, data: LabelledImages,
 
 def build_defenses(config: ExperimentConfig, device: torch.device) -> dict[str, DefendedClassifier]:
     """Every configured defence, sharing one victim and one diffusion model."""
-    victim = load_classifier(config.models.victim, arch=config.models.victim_arch, device=device)
+    victim = load_classifier(config.models.victim, arch=config.models.victim_arch, device=device,
+                             **config.models.victim_options)
     needs_diffusion = any(d.kind == "purifier" for d in config.defenses)
     diffusion = load_diffusion(config.models.diffusion).to(device) if needs_diffusion else None
     return {d.name: _build_defense(d, config, victim, diffusion, device) for d in config.defenses}
@@ -121,94 +120,110 @@ def _build_defense(spec: DefenseConfig, config: ExperimentConfig, victim, diffus
     if spec.kind == "none":
         return DefendedClassifier(victim, None)
     if spec.kind == "classifier":
-        if spec.classifier is None:
-            raise ValueError(f"defence {spec.name!r} of kind 'classifier' needs 'classifier'")
-        robust = load_classifier(spec.classifier, arch=spec.classifier_arch, device=device)
+        robust = load_classifier(spec.classifier, arch=spec.classifier_arch, device=device,
+                                 **spec.classifier_options)
         return DefendedClassifier(robust, None)
     if spec.kind == "preprocessing":
-        from ..defenses.preprocessing import build_preprocessing
-
-        options = dict(spec.preprocessing)
-        return DefendedClassifier(victim, build_preprocessing(options.pop("name"), **options), spec.votes)
-    options = {"precision": config.precision, **spec.purifier}
-    purifier_config = recommended_purifier_config(config.data.dataset, options.pop("guidance", "victim"),
-                                                  **options)
-    return build_purified_classifier(victim, diffusion, purifier_config, spec.votes)
+        return DefendedClassifier(victim, spec.build_preprocessing(), spec.votes)
+    return build_purified_classifier(victim, diffusion, config.purifier_config(spec), spec.votes)
 
 
-def _evaluate_batch(config: ExperimentConfig, defense: DefendedClassifier, spec: DefenseConfig,
-                    attack: AttackConfig, data: LabelledImages, indices: list[int],
-                    batch_index: int, device: torch.device, run_dir: Path,
-                    crafted: dict[tuple[str, str], torch.Tensor]) -> list[dict]:
-    """Attack one batch and score the defended predictions (fresh or frozen randomness)."""
-    images = data.images[indices].to(device)
-    labels = data.labels[indices].to(device)
-    seed = seed_for(config.seed, spec.name, attack.name, batch_index)
-    adversarial = _adversarial_examples(config, defense, spec, attack, images, labels, batch_index, crafted)
-    scorer = evaluation_model(defense, attack, seed)
-    with torch.no_grad():
-        predictions = scorer(adversarial).argmax(1)
-    if batch_index == 0:
-        _save_examples(run_dir, spec.name, attack.name, images, adversarial, scorer)
-    return [{"index": i, "defense": spec.name, "attack": attack.name, "label": int(y),
-             "prediction": int(p), "correct": bool(p == y)}
-            for i, y, p in zip(indices, labels.tolist(), predictions.tolist())]
+@dataclass
+class _Batch:
+    """One batch of the evaluation: where its images are and what the run is."""
+
+    config: ExperimentConfig
+    data: LabelledImages
+    indices: list[int]
+    number: int
+    device: torch.device
+    files: RunDirectory
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.data.images[self.indices].to(self.device)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.data.labels[self.indices].to(self.device)
+
+    @property
+    def dataset_indices(self) -> list[int]:
+        return [int(self.data.indices[i]) for i in self.indices]
 
 
-def _adversarial_examples(config: ExperimentConfig, defense: DefendedClassifier, spec: DefenseConfig,
-                          attack: AttackConfig, images: torch.Tensor, labels: torch.Tensor,
-                          batch_index: int, crafted: dict[tuple[str, str], torch.Tensor]) -> torch.Tensor:
-    """One batch's examples for ``attack``, crafted once per batch and reused (as a warm start,
-    or across defences for transfer attacks, which do not depend on the defence). Seeds depend
-    only on names and the batch, so recrafting after a resume gives the same examples."""
-    owner = "" if attack.kind == "transfer" else spec.name
+def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
+                    attack: AttackConfig, crafted: dict[tuple[str, str], Crafted]) -> list[dict]:
+    """Attack one batch, then classify every example with the experiment's R scoring draws
+    (or the attacker's frozen draw), one record per sample."""
+    config, labels = batch.config, batch.labels
+    result = _adversarial_examples(batch, defense, spec, attack, crafted)
+    seed = derive_seed(config.seed, spec.name, attack.name, batch.number)
+    models = scorers(defense, config.evaluation.draws, seed, result.frozen_scorer)
+    predictions = predict_draws(models, result.examples)
+    if result.warnings:
+        _append_warnings(batch.files, spec.name, attack.name, batch.number, result.warnings)
+    if batch.number == 0:
+        _save_examples(batch.files, spec.name, attack.name, batch.images, result.examples, models[0])
+    broken = result.broken.tolist() if result.broken is not None else [False] * len(labels)
+    return [{"index": i, "dataset_index": key, "defense": spec.name, "attack": attack.name,
+             "label": int(y), "predictions": draws, **({"verdict": "broken"} if lost else {})}
+            for i, key, y, draws, lost in zip(batch.indices, batch.dataset_indices, labels.tolist(),
+                                              predictions, broken)]
+
+
+def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
+                          attack: AttackConfig, crafted: dict[tuple[str, str], Crafted]) -> Crafted:
+    """One batch's examples for ``attack``, crafted once per batch and reused as a warm start,
+    and, for transfer attacks, across every defence whose examples come from the same model
+    (the key names that model). Seeds depend only on names and the batch, so recrafting after a
+    resume gives the same examples."""
+    config = batch.config
+    owner = f"victim={_victim_name(spec, config)}" if attack.kind == "transfer" else spec.name
     if (owner, attack.name) not in crafted:
         start = None
         if attack.start_from is not None:
             source = next(a for a in config.attacks if a.name == attack.start_from)
-            start = _adversarial_examples(config, defense, spec, source, images, labels, batch_index, crafted)
-        seed = seed_for(config.seed, *filter(None, [owner, attack.name]), batch_index)
-        crafted[owner, attack.name] = craft(attack, defense, images, labels, seed, start).detach()
+            start = _adversarial_examples(batch, defense, spec, source, crafted).examples
+        seed = derive_seed(config.seed, owner, attack.name, batch.number)
+        result = craft(attack, defense, batch.images, batch.labels, seed, start, batch.dataset_indices)
+        result.examples = result.examples.detach()
+        crafted[owner, attack.name] = result
     return crafted[owner, attack.name]
 
 
-def _save_examples(run_dir: Path, defense: str, attack: str, images, adversarial, scorer) -> None:
+def _victim_name(spec: DefenseConfig, config: ExperimentConfig) -> str:
+    """The classifier a defence puts behind its purification: its own, or the experiment's."""
+    return spec.classifier if spec.kind == "classifier" else config.models.victim
+
+
+def _append_warnings(files: RunDirectory, defense: str, attack: str, batch: int, messages: list[str]) -> None:
+    """Keep what an attack warned about (one short JSON line each, appended atomically)."""
+    with open(files.warnings, "a", encoding="utf-8") as handle:
+        for message in messages:
+            handle.write(json.dumps({"defense": defense, "attack": attack, "batch": batch,
+                                     "message": message}, sort_keys=True) + "\n")
+
+
+def _save_examples(files: RunDirectory, defense: str, attack: str, images, adversarial, scorer) -> None:
     """A few clean / adversarial / purified images for the report's grid."""
     clean, adv = images[:EXAMPLES_PER_PAIR], adversarial[:EXAMPLES_PER_PAIR]
     with torch.no_grad():
         purified = scorer.purifier(adv) if scorer.purifier is not None else adv
     save_tensors({"clean": clean, "adversarial": adv, "purified": purified},
-                 run_dir / "examples" / f"{defense}__{attack}.safetensors")
+                 files.example_file(defense, attack))
 
 
-def _existing_records(run_dir: Path) -> list[dict]:
-    records = read_records(run_dir / RESULTS)
-    for part in sorted(run_dir.glob("results.rank*.jsonl")):
-        records += read_records(part)
-    return records
-
-
-def _claim_run_dir(run_dir: Path, config: ExperimentConfig) -> None:
-    """Create the run directory, or check that it holds this same experiment before resuming."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stored = run_dir / "config.yaml"
-    text = yaml.safe_dump(asdict(config), sort_keys=True)
-    if stored.is_file() and stored.read_text() != text:
-        raise ValueError(f"{run_dir} holds a different experiment (its config.yaml differs); "
-                         "use another --out directory or delete it")
-    stored.write_text(text)
-
-
-def _finalize(config: ExperimentConfig, run_dir: Path, shard: Shard, clock: RunClock,
+def _finalize(config: ExperimentConfig, files: RunDirectory, shard: Shard, clock: RunClock,
               device: torch.device) -> dict:
     """Merge shard files into one canonical results file; write metadata and summary."""
-    records = {record_key(r): r for r in _existing_records(run_dir)}
-    write_sorted(list(records.values()), run_dir / RESULTS)
-    for part in run_dir.glob("results.rank*.jsonl"):
+    records = files.records()
+    write_sorted(records, files.results)
+    for part in files.shard_result_files():
         part.unlink()
-    summary = summarize(list(records.values()), config)
     metadata = {"experiment": config.name, "seed": config.seed, "processes": shard.world_size,
-                "wall_time_seconds": round(clock.seconds(), 1), **environment(device)}
-    (run_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                "wall_time_seconds": round(clock.seconds(), 1), **environment(device, config.precision)}
+    summary = {**summarize(records, config), "hardware": metadata["hardware"]}
+    files.metadata.write_text(json.dumps(metadata, indent=2))
+    files.summary.write_text(json.dumps(summary, indent=2))
     return summary

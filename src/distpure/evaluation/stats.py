@@ -1,4 +1,5 @@
-"""Accuracy with 95 % Wilson score intervals."""
+"""Accuracy with 95 % intervals: Wilson score intervals for proportions, a normal interval for a
+mean of per-sample fractions (expected accuracy over several scoring draws)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Accuracy:
-    correct: int
+    """``correct`` is the number of samples right, or the sum of per-sample fractions."""
+
+    correct: float
     total: int
     low: float
     high: float
@@ -36,3 +39,15 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
 
 def accuracy(correct: int, total: int) -> Accuracy:
     return Accuracy(correct, total, *wilson_interval(correct, total))
+
+
+def mean_interval(values: list[float], z: float = 1.959964) -> Accuracy:
+    """The mean of per-sample scores in [0, 1] with a normal-approximation interval, clipped to
+    [0, 1] (per-sample fractions are bounded, so the mean's distribution is close to normal)."""
+    total = len(values)
+    if total == 0:
+        return Accuracy(0, 0, 0.0, 1.0)
+    mean = sum(values) / total
+    variance = sum((v - mean) ** 2 for v in values) / max(1, total - 1)
+    half = z * math.sqrt(variance / total)
+    return Accuracy(sum(values), total, max(0.0, mean - half), min(1.0, mean + half))

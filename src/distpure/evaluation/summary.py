@@ -1,65 +1,97 @@
-"""From records to the accuracy table: one row per (defence, attack) with a Wilson interval."""
+"""From records to the accuracy table: one row per (defence, attack), each under the three
+scorings of ``protocol`` with 95 % intervals, the experiment's headline scoring up front."""
 from __future__ import annotations
 
 from ..attacks.suite import AttackConfig
 from .config import DefenseConfig, ExperimentConfig
-from .stats import accuracy
+from .protocol import SCORINGS, Outcome, draw_count, outcome, scored_accuracy, worst_outcome
+
+SCORING_LABELS = {"expected": "expected", "worst": "worst-of-R", "majority": "majority-of-R"}
 
 
 def summarize(records: list[dict], config: ExperimentConfig) -> dict:
-    """Accuracy per (defence, attack), in config order, with the paper's number where stated,
-    then per defence the worst case over the attacks of each threat model (see ``worst_cases``)."""
+    """Rows per (defence, attack) in config order, with the paper's number where stated, then
+    per defence the worst case over the attacks of each threat group (see ``worst_cases``)."""
+    outcomes: dict[tuple[str, str], dict[int, Outcome]] = {}
+    draws: dict[tuple[str, str], int] = {}
+    for record in records:
+        pair = (record["defense"], record["attack"])
+        outcomes.setdefault(pair, {})[int(record["index"])] = outcome(record)
+        draws[pair] = max(draws.get(pair, 1), draw_count(record))
     rows = []
     for defense in config.defenses:
         for attack in config.attacks:
-            outcomes = [r["correct"] for r in records
-                        if r["defense"] == defense.name and r["attack"] == attack.name]
-            rows.append(_row(config, defense, attack.name, outcomes,
-                             {"kind": attack.kind, "norm": attack.norm, "eps": attack.eps,
-                              "eot": attack.eot, "steps": attack.steps}))
-    groups = worst_cases(config)
+            pair = (defense.name, attack.name)
+            rows.append(_row(config, defense, attack.name, list(outcomes.get(pair, {}).values()),
+                             draws.get(pair, 0), {"kind": attack.kind, "norm": attack.norm,
+                                                  "eps": attack.eps, "eot": attack.eot_draws,
+                                                  "steps": attack.iterations,
+                                                  "frozen_noise": attack.frozen_noise}))
     for defense in config.defenses:
-        correct = {(r["index"], r["attack"]): r["correct"] for r in records if r["defense"] == defense.name}
-        indices = sorted({index for index, _ in correct})
-        for name, attacks in groups.items():
-            outcomes = [all(correct[index, a.name] for a in attacks) for index in indices
-                        if all((index, a.name) in correct for a in attacks)]
-            rows.append(_row(config, defense, name, outcomes,
-                             {"kind": "worst-case", "norm": attacks[0].norm, "eps": attacks[0].eps,
-                              "eot": max(a.eot for a in attacks), "steps": max(a.steps for a in attacks),
-                              "over": [a.name for a in attacks]}))
-    return {"experiment": config.name, "description": config.description, "rows": rows}
+        for name, attacks in worst_cases(config).items():
+            per_attack = [outcomes.get((defense.name, a.name), {}) for a in attacks]
+            shared = set.intersection(*(set(o) for o in per_attack))
+            threat = next(a for a in attacks if a.kind != "clean")
+            rows.append(_row(config, defense, name,
+                             [worst_outcome([o[i] for o in per_attack]) for i in sorted(shared)],
+                             max(draws.get((defense.name, a.name), 0) for a in attacks),
+                             {"kind": "worst-case", "norm": threat.norm, "eps": threat.eps,
+                              "eot": max(a.eot_draws for a in attacks),
+                              "steps": max(a.iterations for a in attacks),
+                              "frozen_noise": threat.frozen_noise, "over": [a.name for a in attacks]}))
+    return {"experiment": config.name, "description": config.description,
+            "scoring": config.evaluation.headline, "draws": config.evaluation.draws, "rows": rows}
 
 
 def worst_cases(config: ExperimentConfig) -> dict[str, list[AttackConfig]]:
-    """Threat models attacked more than once: a sample counts as robust only if it survives every
-    attack of its (norm, ε) group, as AutoAttack reports its ensemble. Named ``worst-case``, or
-    ``worst-case-<norm>-<ε>`` when the experiment has several such groups."""
-    groups: dict[tuple[str, float], list[AttackConfig]] = {}
+    """Threat groups: the attacks of one (norm, ε, fresh or frozen noise), with ``clean``
+    required too (a sample wrong when clean is not robust). A sample counts as robust only if
+    it survives every attack of its group, as AutoAttack reports its ensemble. Named
+    ``worst-case``, or ``worst-case-<norm>-<ε>[-frozen]`` when there are several groups."""
+    clean = [attack for attack in config.attacks if attack.kind == "clean"]
+    groups: dict[tuple[str, float, bool], list[AttackConfig]] = {}
     for attack in config.attacks:
         if attack.kind != "clean":
-            groups.setdefault((attack.norm, round(attack.eps, 8)), []).append(attack)
-    groups = {key: attacks for key, attacks in groups.items() if len(attacks) > 1}
+            groups.setdefault((attack.norm, round(attack.eps, 8), attack.frozen_noise), []).append(attack)
+    groups = {key: clean + attacks for key, attacks in groups.items() if len(clean + attacks) > 1}
     if len(groups) == 1:
         return {"worst-case": next(iter(groups.values()))}
-    return {f"worst-case-{norm}-{eps:g}": attacks for (norm, eps), attacks in groups.items()}
+    return {f"worst-case-{norm}-{eps:g}{'-frozen' if frozen else ''}": attacks
+            for (norm, eps, frozen), attacks in groups.items()}
 
 
-def _row(config: ExperimentConfig, defense: DefenseConfig, attack: str, outcomes: list[bool],
-         threat: dict) -> dict:
-    result = accuracy(sum(outcomes), len(outcomes))
-    return {"defense": defense.name, "attack": attack, **threat, "purifier": defense.purifier,
-            "correct": result.correct, "total": result.total,
-            "accuracy": result.value, "ci_low": result.low, "ci_high": result.high,
-            "paper": config.paper.get(f"{defense.name}/{attack}")}
+def _row(config: ExperimentConfig, defense: DefenseConfig, attack: str, outcomes: list[Outcome],
+         draws: int, threat: dict) -> dict:
+    scored = {scoring: scored_accuracy(outcomes, scoring) for scoring in SCORINGS}
+    headline = scored[config.evaluation.headline]
+    row = {"defense": defense.name, "attack": attack, **threat, "purifier": defense.purifier,
+           "draws": draws, "scoring": config.evaluation.headline,
+           "correct": headline.correct, "total": headline.total,
+           "accuracy": headline.value, "ci_low": headline.low, "ci_high": headline.high}
+    for scoring, result in scored.items():
+        row |= {f"{scoring}_accuracy": result.value, f"{scoring}_ci_low": result.low,
+                f"{scoring}_ci_high": result.high}
+    return {**row, "paper": config.paper.get(f"{defense.name}/{attack}")}
+
+
+def interval_text(row: dict, scoring: str | None = None) -> str:
+    """``76.6 [71.0, 81.3]`` (percent) for ``scoring``, the headline when None; ``-`` if empty."""
+    prefix = "" if scoring is None else f"{scoring}_"
+    if not row["total"]:
+        return "-"
+    return (f"{100 * row[prefix + 'accuracy']:.1f} [{100 * row[prefix + 'ci_low']:.1f}, "
+            f"{100 * row[prefix + 'ci_high']:.1f}]")
 
 
 def format_table(summary: dict) -> str:
-    """A plain-text table of the summary for the terminal."""
-    lines = [f"{'defence':<24} {'attack':<24} {'accuracy % [95% CI]':<24} {'n':>5}  paper"]
+    """A plain-text table of the summary for the terminal: every scoring, R, n, the paper."""
+    scorings = "".join(f"{SCORING_LABELS[s] + ' % [95% CI]':<26}" for s in SCORINGS)
+    lines = [f"{'defence':<24} {'attack':<28} {scorings} {'R':>3} {'n':>5}  paper"]
     for row in summary["rows"]:
-        interval = f"{100 * row['accuracy']:.1f} [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]" \
-            if row["total"] else "-"
+        cells = "".join(f"{interval_text(row, s):<26}" for s in SCORINGS)
         paper = "" if row["paper"] is None else f"{row['paper']}"
-        lines.append(f"{row['defense']:<24} {row['attack']:<24} {interval:<24} {row['total']:>5}  {paper}")
+        lines.append(f"{row['defense']:<24} {row['attack']:<28} {cells} {row['draws']:>3} "
+                     f"{row['total']:>5}  {paper}")
+    lines.append(f"R scoring draws per example (fresh noise no attacker saw); headline scoring: "
+                 f"{SCORING_LABELS[summary['scoring']]}")
     return "\n".join(lines)

@@ -42,8 +42,14 @@ _REQUIRED_VALUES: dict[str, Any] = {
 _DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4),
 }
+DEFAULT_FLAGS_SOURCE = ("the 256x256 unconditional model's flags (the default when no "
+                        "<stem>_config.json or config.json is beside the checkpoint)")
 _RESNET_PARTS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                  "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+class FlagsMismatch(ValueError):
+    """A checkpoint's tensors do not fit the guided-diffusion flags it is converted with."""
 
 
 def resolve_flags(flags: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +240,7 @@ def _check_complete(converted: dict[str, torch.Tensor], config: dict[str, Any]) 
     wrong = sorted(f"{k}: {tuple(converted[k].shape)} != {tuple(v.shape)}"
                    for k, v in expected.items() if k in converted and converted[k].shape != v.shape)
     if missing or extra or wrong:
-        raise ValueError("checkpoint does not match its flags: "
+        raise FlagsMismatch("checkpoint does not match its flags: "
                          + "; ".join(f"{label} {items}" for label, items in (
                              ("unfilled diffusers keys", missing), ("unexpected diffusers keys", extra),
                              ("shape mismatches", wrong)) if items))
@@ -255,7 +261,7 @@ def convert_adm_state_dict(state_dict: dict[str, torch.Tensor], flags: dict[str,
         else:
             converted.update(entries)
     if unmapped:
-        raise ValueError(f"guided-diffusion keys with no diffusers counterpart: {unmapped}")
+        raise FlagsMismatch(f"guided-diffusion keys with no diffusers counterpart: {unmapped}")
     _check_complete(converted, config)
     return converted
 
@@ -283,19 +289,49 @@ def read_flags(path: str | Path) -> dict[str, Any]:
     return data.get("flags", data)
 
 
-def _flags_beside(checkpoint: Path) -> dict[str, Any]:
-    """Flags of a ``<stem>_config.json`` or ``config.json`` (with a "flags" object) beside the file."""
+def _flags_beside(checkpoint: Path) -> tuple[dict[str, Any], str]:
+    """Flags of a ``<stem>_config.json`` or ``config.json`` (with a "flags" object) beside the
+    file, else the 256x256 unconditional model's; with where they came from."""
     for candidate in (checkpoint.with_name(f"{checkpoint.stem}_config.json"),
                       checkpoint.with_name("config.json")):
         if candidate.is_file() and "flags" in (data := json.loads(candidate.read_text())):
-            return data["flags"]
-    return ADM_256_UNCOND_FLAGS
+            return data["flags"], f"the flags in {candidate}"
+    return ADM_256_UNCOND_FLAGS, DEFAULT_FLAGS_SOURCE
+
+
+def _shape_flags(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The flags that a guided-diffusion state dict's keys and shapes tell directly."""
+    flags: dict[str, Any] = {"class_cond": "label_emb.weight" in state_dict}
+    if "input_blocks.0.0.weight" in state_dict:
+        flags["num_channels"] = state_dict["input_blocks.0.0.weight"].shape[0]
+    if "out.2.weight" in state_dict:
+        flags["learn_sigma"] = state_dict["out.2.weight"].shape[0] == 6
+    return flags
+
+
+def _flags_differ(path: Path, source: str, state_dict: dict[str, torch.Tensor],
+                  flags: dict[str, Any]) -> str:
+    """Why ``path`` does not convert with ``flags`` and how to pass the right ones."""
+    resolved = resolve_flags(flags)
+    seen = [f"{name}={value!r} where they say {resolved[name]!r}"
+            for name, value in _shape_flags(state_dict).items() if resolved[name] != value]
+    return (f"{path} does not match {source}: its flags differ"
+            f"{' (the checkpoint has ' + ', '.join(seen) + ')' if seen else ''}. Pass the flags it "
+            "was trained with (guided-diffusion's argument names) as JSON, {\"flags\": {...}}: "
+            f"`distpure convert-adm {path} OUT_DIR --config FLAGS.json`, or save them as "
+            f"{path.with_name(path.stem + '_config.json')}, which load_diffusion reads too")
 
 
 def load_adm_checkpoint(path: str | Path, flags: dict[str, Any] | None = None) -> DiffusionModel:
-    """Load a guided-diffusion checkpoint; flags default to a config beside it, else the 256 uncond model."""
+    """Load a guided-diffusion checkpoint; flags default to a config beside it, else the 256
+    uncond model's. A checkpoint that does not fit them is refused with how to pass its own."""
     path = Path(path)
-    return adm_to_diffusion(load_state_dict(path), _flags_beside(path) if flags is None else flags)
+    flags, source = _flags_beside(path) if flags is None else (flags, "the flags given")
+    state_dict = load_state_dict(path)
+    try:
+        return adm_to_diffusion(state_dict, flags)
+    except FlagsMismatch as error:
+        raise FlagsMismatch(_flags_differ(path, source, state_dict, flags)) from error
 
 
 def convert_adm(checkpoint: str | Path, out_dir: str | Path, flags: dict[str, Any] | None = None

@@ -5,14 +5,14 @@ Normalisation always lives inside the module, so attacks and purifiers see one i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..registry import Registry
+from ..registry import Registry, build_from_spec, is_callable_spec
+from .robustbench_zoo import robustbench_classifier
 from .weights import load_state_dict
-from .wide_resnet import WideResNet
 
 CLASSIFIERS: Registry[nn.Module] = Registry("classifier")
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -21,6 +21,8 @@ CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_PREFIX = "timm:"
+ROBUSTBENCH_PREFIX = "robustbench:"
+NAME_FORMS = f"{TIMM_PREFIX}<model>, {ROBUSTBENCH_PREFIX}<zoo model>, package.module:callable"
 
 
 class Normalized(nn.Module):
@@ -125,64 +127,73 @@ def imagenet30_resnet50(weights: str | Path | None = None) -> nn.Module:
     return imagenet30_classifier(imagenet_resnet50(weights))
 
 
-@CLASSIFIERS.register("robustbench-wrn-28-10")
-def robustbench_wrn_28_10(weights: str | Path | None = None) -> nn.Module:
-    """RobustBench's CIFAR-10 WideResNet-28-10 (Standard, Carmon2019Unlabeled, ...) from its ``.pt``."""
-    if weights is None:
-        raise ValueError("robustbench-wrn-28-10 needs a local RobustBench checkpoint: "
-                         "load_classifier('robustbench-wrn-28-10', weights=<path to .pt>)")
-    state = load_state_dict(weights)
-    network = WideResNet(28, 10, sub_block1=any(key.startswith("sub_block1.") for key in state))
-    network.load_state_dict(state)
-    return network
-
-
-def timm_classifier(model_name: str, weights: str | Path | None = None) -> nn.Module:
-    """A timm model taking [0, 1] images, normalised with its pretrained_cfg mean and std."""
+def timm_classifier(model_name: str, weights: str | Path | None = None, **options: Any) -> nn.Module:
+    """A timm model taking [0, 1] images, normalised with its pretrained_cfg mean and std;
+    ``options`` go to ``timm.create_model``."""
     try:
         import timm
     except ImportError as error:
         raise ImportError(f"{TIMM_PREFIX}{model_name} needs timm: pip install timm "
                           "(or pip install 'distpure[zoo]')") from error
-    network = _with_weights(lambda pretrained: timm.create_model(model_name, pretrained=pretrained),
-                            weights, f"{TIMM_PREFIX}{model_name}")
+    network = _with_weights(
+        lambda pretrained: timm.create_model(model_name, pretrained=pretrained, **options),
+        weights, f"{TIMM_PREFIX}{model_name}")
     return Normalized(network, network.pretrained_cfg["mean"], network.pretrained_cfg["std"])
 
 
+def user_classifier(spec: str, weights: str | Path | None = None, **options: Any) -> nn.Module:
+    """Your own classifier: ``package.module:callable`` called with ``options``, which must
+    return an ``nn.Module`` on [0, 1] images; local ``weights`` are loaded into it if given."""
+    network = build_from_spec(spec, nn.Module, "classifier", **options)
+    if weights is not None:
+        network.load_state_dict(load_state_dict(weights))
+    return network
+
+
+PREFIXED_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    TIMM_PREFIX: timm_classifier, ROBUSTBENCH_PREFIX: robustbench_classifier}
+
+
 def _is_classifier_name(name: str) -> bool:
-    """Whether ``name`` is a registered classifier or a ``timm:`` model name."""
-    return name in CLASSIFIERS or name.startswith(TIMM_PREFIX)
+    """Whether ``name`` is a registered classifier, a prefixed zoo name or a ``module:callable``."""
+    return name in CLASSIFIERS or name.startswith(tuple(PREFIXED_BUILDERS)) or is_callable_spec(name)
 
 
-def _build(name: str, weights: str | Path | None) -> nn.Module:
-    """The classifier called ``name``, with local ``weights`` if given."""
-    if name.startswith(TIMM_PREFIX):
-        return timm_classifier(name[len(TIMM_PREFIX):], weights)
-    return CLASSIFIERS.build(name, weights=weights)
+def _build(name: str, weights: str | Path | None, options: dict[str, Any]) -> nn.Module:
+    """The classifier called ``name``, with local ``weights`` if given, built with ``options``."""
+    for prefix, build in PREFIXED_BUILDERS.items():
+        if name.startswith(prefix):
+            return build(name[len(prefix):], weights, **options)
+    if is_callable_spec(name):
+        return user_classifier(name, weights, **options)
+    return CLASSIFIERS.build(name, weights=weights, **options)
 
 
 def load_classifier(name_or_path: str | Path, arch: str | None = None,
                     num_classes: int | None = None, device: str | torch.device = "cpu",
-                    weights: str | Path | None = None) -> nn.Module:
-    """A victim in eval mode with frozen weights, from a registry name or a weights file.
+                    weights: str | Path | None = None, **options: Any) -> nn.Module:
+    """A victim in eval mode with frozen weights, from a name or a weights file.
 
-    Names are the registered ones or ``timm:<timm model name>``.
+    Names are the registered ones, ``timm:<timm model>``, ``robustbench:<zoo model>`` or
+    ``package.module:callable`` (your builder of an ``nn.Module`` on [0, 1] images).
+    ``options`` go to the builder: ``dataset``, ``threat_model`` and ``model_dir`` for
+    RobustBench, ``timm.create_model``'s keywords, or your callable's.
     ``load_classifier("cifar10-resnet18")`` uses the default weights (bundled, or the library's
-    pretrained download); ``load_classifier("robustbench-wrn-28-10", weights="model.pt")`` and
-    ``load_classifier("model.safetensors", arch="timm:resnet18")`` load local weights into an
-    architecture.
+    pretrained download); ``load_classifier("robustbench:Standard", model_dir="models")`` reads
+    ``models/cifar10/Linf/Standard.pt``; ``load_classifier("model.safetensors",
+    arch="timm:resnet18")`` loads local weights into an architecture.
     """
     name = str(name_or_path)
     if _is_classifier_name(name):
-        model = _build(name, weights)
+        model = _build(name, weights, options)
     elif arch is not None:
-        model = _build(arch, Path(name))
+        model = _build(arch, Path(name), options)
     elif Path(name).exists():
         raise ValueError(f"{name}: a weights file needs arch=<one of {', '.join(CLASSIFIERS.names())}, "
-                         f"or {TIMM_PREFIX}<model>>")
+                         f"or {NAME_FORMS}>")
     else:
         raise KeyError(f"unknown classifier {name!r}; known: {', '.join(CLASSIFIERS.names())}, "
-                       f"{TIMM_PREFIX}<model>")
+                       f"{NAME_FORMS}")
     model = model.to(device).eval().requires_grad_(False)
     _check_num_classes(model, num_classes, name)
     return model

@@ -1,8 +1,11 @@
-"""Diffusion backbones: a diffusers ``UNet2DModel`` together with its noise schedule.
+"""Diffusion backbones: noise predictors with the schedule they were trained on.
 
+``NoisePredictor`` is what the purifier needs of any backbone; ``DiffusionModel`` is a diffusers
+``UNet2DModel`` with its scheduler, ``ScoreSDEModel`` (models/ncsnpp.py) score-SDE's NCSN++.
 ``load_diffusion`` takes a registry name (the embedded default is ``cifar10-ddpm-small``), a
 local diffusers directory (layout of ``google/ddpm-cifar10-32``), a guided-diffusion (ADM)
-checkpoint file (``.pt`` or ``.safetensors``), or a hub id for online users.
+checkpoint file (``.pt`` or ``.safetensors``), a score-SDE checkpoint (``checkpoint_8.pth``,
+or a file or directory with an NCSN++ config), or a hub id for online users.
 """
 from __future__ import annotations
 
@@ -13,31 +16,83 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
-from ..registry import Registry
+from ..registry import Registry, build_from_spec, is_callable_spec
+from ..sampling.sde import VPSDE
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 # Single-file guided-diffusion (ADM) checkpoints; flags come from a config JSON beside the file.
 ADM_SUFFIXES = (".pt", ".safetensors")
-DIFFUSION_MODELS: Registry["DiffusionModel"] = Registry("diffusion model")
+# What a diffusers scheduler's ``prediction_type`` may say the UNet predicts.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DIFFUSION_MODELS: Registry["NoisePredictor"] = Registry("diffusion model")
 
 
-class DiffusionModel(nn.Module):
-    """A noise-prediction UNet and the discrete forward schedule it was trained with.
+class NoisePredictor(nn.Module):
+    """A network predicting the noise ε in x_t, with the discrete schedule β_0 ... β_{N-1} it was
+    trained on: what the purifier's samplers need of a diffusion backbone.
 
-    Outputs with twice the input channels carry ADM's learned variance in the second half.
+    ``forward(x_t, t)`` takes time labels on the step scale: integer steps 0 ... N-1 for the
+    DDPM/DDIM samplers, (N-1)·t for a continuous time t ∈ [0, 1] (score-SDE's convention).
     """
 
-    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler) -> None:
+    def __init__(self, betas: torch.Tensor) -> None:
         super().__init__()
-        self.unet = unet
-        self.scheduler = scheduler
         # float64: the float32 cumulative product drifts by ~1e-4 in log-variance at small t.
-        alphas_cumprod = torch.cumprod(1.0 - scheduler.betas.detach().double(), dim=0)
+        # β stays a plain CPU attribute (``.to(dtype)`` does not round it); ᾱ follows the device.
+        self.betas = betas.detach().double().cpu()
+        alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
+        return len(self.betas)
+
+    @property
+    def sde(self) -> VPSDE:
+        """The continuous VP-SDE this schedule discretises (for the sde sampler; linear β only)."""
+        return VPSDE.from_betas(self.betas)
+
+    @property
+    def image_channels(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def sample_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether outputs carry ADM's learned variance after the ε channels."""
+        return False
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Raw network output for noisy images in [-1, 1] at time labels ``t`` (shape N)."""
+        raise NotImplementedError
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The ε prediction (first ``image_channels`` output channels)."""
+        return self(x_t, t)[:, : self.image_channels]
+
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write the model to ``directory`` in a layout ``load_diffusion`` reads back."""
+        raise NotImplementedError
+
+
+class DiffusionModel(NoisePredictor):
+    """A diffusers UNet and the discrete forward schedule it was trained with.
+
+    UNets predicting v or x0 (the scheduler's ``prediction_type``) are converted to ε. Outputs
+    with twice the input channels carry ADM's learned variance in the second half.
+    """
+
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler) -> None:
+        super().__init__(scheduler.betas)
+        self.unet = unet
+        self.scheduler = scheduler
+        self.prediction_type = str(scheduler.config.prediction_type)
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not supported; "
+                             f"expected one of {', '.join(PREDICTION_TYPES)}")
 
     @property
     def image_channels(self) -> int:
@@ -53,12 +108,22 @@ class DiffusionModel(nn.Module):
         return int(self.unet.config.out_channels) == 2 * self.image_channels
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Raw UNet output for noisy images in [-1, 1] at integer timesteps ``t`` (shape N)."""
-        return self.unet(x_t, t).sample
+        """ε (then any learned variance) for noisy images in [-1, 1] at timesteps ``t`` (shape N)."""
+        output = self.unet(x_t, t).sample
+        if self.prediction_type == "epsilon":
+            return output
+        channels = self.image_channels
+        alpha_bar = self._alpha_bar(t).to(x_t.dtype)
+        eps = epsilon_from_prediction(output[:, :channels], x_t, alpha_bar, self.prediction_type)
+        return torch.cat([eps, output[:, channels:]], dim=1)
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The ε prediction (first ``image_channels`` output channels)."""
-        return self(x_t, t)[:, : self.image_channels]
+    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ at integer timesteps ``t``, shaped to broadcast over images."""
+        steps = t.long()
+        if not torch.equal(steps.to(t.dtype), t):
+            raise ValueError(f"a {self.prediction_type} model is converted to ε at integer "
+                             f"timesteps only (DDPM/DDIM samplers); got {t.tolist()}")
+        return self.alphas_cumprod[steps].view(-1, 1, 1, 1)
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write a diffusers layout: ``config.json``, safetensors weights, ``scheduler_config.json``."""
@@ -79,6 +144,17 @@ class DiffusionModel(nn.Module):
                                            low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
         return cls(unet.float(), scheduler).eval()
+
+
+def epsilon_from_prediction(prediction: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
+                            prediction_type: str) -> torch.Tensor:
+    """ε from a prediction of v = √ᾱ ε - √(1-ᾱ) x0 (``v_prediction``) or of x0 (``sample``),
+    given x_t = √ᾱ x0 + √(1-ᾱ) ε; an ``epsilon`` prediction is returned as it is."""
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * prediction + (1.0 - alpha_bar).sqrt() * x_t
+    if prediction_type == "sample":
+        return (x_t - alpha_bar.sqrt() * prediction) / (1.0 - alpha_bar).sqrt()
+    return prediction
 
 
 def _refuse_links_out_of(directory: Path, folders: tuple[Path, ...]) -> None:
@@ -130,12 +206,19 @@ def cifar10_ddpm_small() -> DiffusionModel:
     return DiffusionModel.from_pretrained(directory)
 
 
-def load_diffusion(name_or_path: str | Path) -> DiffusionModel:
-    """A diffusion model by registry name, local directory / checkpoint file, or hub id."""
+def load_diffusion(name_or_path: str | Path) -> NoisePredictor:
+    """A diffusion model by registry name, local directory / checkpoint file, hub id, or
+    ``package.module:callable`` (your function returning a ``NoisePredictor``)."""
+    from .ncsnpp import is_score_sde, load_score_sde
+
     name = str(name_or_path)
     if name in DIFFUSION_MODELS:
         return DIFFUSION_MODELS.build(name)
+    if is_callable_spec(name):
+        return build_from_spec(name, NoisePredictor, "diffusion model")
     path = Path(name).expanduser()
+    if is_score_sde(path):
+        return load_score_sde(path)
     if path.is_dir():
         return DiffusionModel.from_pretrained(path)
     if path.is_file() and path.suffix in ADM_SUFFIXES:
@@ -144,7 +227,7 @@ def load_diffusion(name_or_path: str | Path) -> DiffusionModel:
         return load_adm_checkpoint(path)
     if path.exists():
         raise ValueError(f"{path}: expected a diffusers directory or a guided-diffusion "
-                         ".pt / .safetensors file")
+                         ".pt / .safetensors file, or a score-SDE .pth checkpoint")
     return _from_hub(name)
 
 
@@ -153,7 +236,7 @@ def _from_hub(repo_id: str) -> DiffusionModel:
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
         raise FileNotFoundError(
             f"{repo_id!r} is neither a registered model ({', '.join(DIFFUSION_MODELS.names())}), "
-            "an existing local path, nor a hub id of the form 'owner/name'")
+            "an existing local path, a package.module:callable, nor a hub id of the form 'owner/name'")
     from huggingface_hub import snapshot_download
 
     try:

@@ -15,17 +15,22 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+from ..devices import describe_hardware
 from ..evaluation.config import DefenseConfig, ExperimentConfig, load_experiment
-from ..evaluation.records import read_records, record_key
-from ..evaluation.summary import summarize, worst_cases
+from ..evaluation.protocol import SCORINGS
+from ..evaluation.rundir import RunDirectory
+from ..evaluation.summary import SCORING_LABELS, interval_text, summarize, worst_cases
 
-RESULTS = "results.jsonl"
-REPORT = "report.md"
-CSV_FILE = "results.csv"
-PLOTS = "plots"
+CSV_FILE = RunDirectory(".").csv.name
+SCORING_MEANINGS = {
+    "expected": "the fraction of the R draws that classify the example right, averaged over samples",
+    "worst": "right in all R draws (an attacker who may resubmit an example R times)",
+    "majority": "the class most of the R draws predict is right (ties count as wrong)",
+}
 PURIFIER_COLUMNS = ("t_star", "num_steps", "victim_scale", "guidance")
 # purifier setting -> axis label of its accuracy plot (file plots/accuracy_vs_<setting>.png)
 PURIFIER_SWEEPS = {"t_star": "t*", "num_steps": "number of reverse steps",
@@ -35,55 +40,50 @@ NORM_LABELS = {"linf": "L∞", "l2": "L2"}
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md``, ``results.csv``, ``plots/*.png`` into ``run_dir``; return report.md."""
-    run_dir = Path(run_dir)
-    run = _Run.load(run_dir)
-    plot_dir = run_dir / PLOTS
-    plot_dir.mkdir(exist_ok=True)
-    _write_csv(run, run_dir / CSV_FILE)
-    plots = _accuracy_plots(run, plot_dir)
-    grids = [_image_grid(path, plot_dir / f"grid_{path.stem}.png")
-             for path in sorted((run_dir / "examples").glob("*.safetensors"))]
-    path = run_dir / REPORT
-    path.write_text(_markdown(run, plots, [g for g in grids if g is not None], run_dir))
-    return path
+    files = RunDirectory(run_dir)
+    run = _Run.load(files)
+    files.plots.mkdir(exist_ok=True)
+    _write_csv(run, files.csv)
+    plots = _accuracy_plots(run, files.plots)
+    grids = [_image_grid(path, files.plots / f"grid_{path.stem}.png")
+             for path in sorted(files.examples.glob("*.safetensors"))]
+    files.report.write_text(_markdown(run, plots, [g for g in grids if g is not None], files.root))
+    return files.report
 
 
 def summary_json(run_dir: str | Path) -> dict:
     """The recomputed summary with the run's metadata, as JSON-ready data (NaN -> null)."""
-    run = _Run.load(Path(run_dir))
+    run = _Run.load(RunDirectory(run_dir))
     return _json_ready({**run.summary, "run_dir": str(run_dir), "finished": run.finished,
-                        "samples": run.samples, "records": len(run.records),
-                        "metadata": run.metadata})
+                        "samples": run.samples, "samples_per_class": run.samples_per_class,
+                        "records": len(run.records), "metadata": run.metadata,
+                        "warnings": run.warnings})
 
 
 class _Run:
     """What a report needs: the config, the records, the summary rows and the metadata."""
 
     def __init__(self, config: ExperimentConfig, records: list[dict], metadata: dict,
-                 finished: bool) -> None:
+                 finished: bool, resolved: dict | None = None, warnings: list[dict] | None = None) -> None:
         self.config = config
         self.records = records
         self.metadata = metadata
         self.finished = finished
+        self.warnings = warnings or []
         self.summary = summarize(records, config)
         self.samples = len({r["index"] for r in records})
+        self.samples_per_class = _samples_per_class(records)
         self.defenses = {d.name: d for d in config.defenses}
-        self.settings = {d.name: _purifier_settings(d, config) for d in config.defenses}
+        stored = (resolved or {}).get("settings", {}).get("defenses", {})
+        self.settings = {d.name: _purifier_settings(d, config, stored.get(d.name)) for d in config.defenses}
 
     @classmethod
-    def load(cls, run_dir: Path) -> "_Run":
-        config_path = run_dir / "config.yaml"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
-        config = load_experiment(config_path)
-        records: dict = {}
-        for path in [run_dir / RESULTS, *sorted(run_dir.glob("results.rank*.jsonl"))]:
-            for record in read_records(path):
-                records[record_key(record)] = record
-        metadata_path = run_dir / "metadata.json"
-        metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
-        finished = (run_dir / "summary.json").is_file() and not any(run_dir.glob("results.rank*.jsonl"))
-        return cls(config, [records[key] for key in sorted(records)], metadata, finished)
+    def load(cls, files: RunDirectory) -> "_Run":
+        if not files.config.is_file():
+            raise FileNotFoundError(f"{files.root}: not a run directory (no config.yaml)")
+        resolved = json.loads(files.resolved.read_text()) if files.resolved.is_file() else None
+        return cls(load_experiment(files.config), files.records(), files.read_metadata(), files.finished,
+                   resolved, files.read_warnings())
 
     @property
     def rows(self) -> list[dict]:
@@ -93,29 +93,16 @@ class _Run:
         return next(r for r in self.rows if r["defense"] == defense and r["attack"] == attack)
 
 
-def _purifier_settings(spec: DefenseConfig, config: ExperimentConfig) -> dict:
-    """The purifier settings a defence ran with (recommended defaults + its overrides)."""
+def _purifier_settings(spec: DefenseConfig, config: ExperimentConfig, resolved: dict | None) -> dict:
+    """The purifier settings a defence ran with: as the run stored them, or (runs from before
+    settings were stored) the recommended defaults and its overrides as this version has them."""
     if spec.kind != "purifier":
         return {}
-    options = dict(spec.purifier)
-    guidance = options.pop("guidance", "victim")
-    try:
-        from ..defenses.recommended import recommended_purifier_config
-
-        settings = asdict(recommended_purifier_config(config.data.dataset, guidance, **options))
-    except (KeyError, TypeError, ValueError):
-        settings = {"guidance": guidance, **options}
-    settings.pop("precision", None)
-    return settings
+    settings = resolved["purifier"] if resolved and resolved.get("purifier") else asdict(config.purifier_config(spec))
+    return {key: value for key, value in settings.items() if key != "precision"}
 
 
 # ----------------------------------------------------------------------------- formatting
-
-def _percent_interval(row: dict) -> str:
-    if not row["total"]:
-        return "–"
-    return f"{100 * row['accuracy']:.1f} [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
-
 
 def _format_number(value) -> str:
     if value is None:
@@ -180,6 +167,35 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} (h:mm:ss)"
 
 
+def _hardware_line(meta: dict) -> str:
+    """Device, model and resolved precision; runs from before precision was resolved stored
+    only the device and its name."""
+    if "hardware" in meta:
+        return describe_hardware(meta["hardware"])
+    return f"{meta.get('device', 'unknown')} ({meta.get('device_name', 'unknown model')}), precision not recorded"
+
+
+def _samples_per_class(records: list[dict]) -> dict[int, int]:
+    """How many distinct samples of each label the records cover, by label: the class balance
+    of the sample, which for a partial run is whatever prefix of the evaluation order is done."""
+    labels = {r["index"]: int(r["label"]) for r in records}
+    return dict(sorted(Counter(labels.values()).items()))
+
+
+def _class_counts_text(counts: dict[int, int]) -> str:
+    """``0: 5, 3: 2`` (labels in the dataset's class order; absent labels have no samples)."""
+    return ", ".join(f"{label}: {count}" for label, count in counts.items()) or "none"
+
+
+def _order_warning(records: list[dict]) -> str:
+    """For records written before evaluation order was randomised (no ``dataset_index``): their
+    prefix of a run followed class order, so a partial run's classes are not a fair sample."""
+    if all("dataset_index" in r for r in records):
+        return ""
+    return (" These records were written in class order (before evaluation order was "
+            "randomised), so they over-represent the first classes.")
+
+
 def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_dir: Path) -> str:
     config, meta = run.config, run.metadata
     lines = [f"# {config.name}", ""]
@@ -187,31 +203,42 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
         lines += [config.description.strip(), ""]
     if not run.finished:
         lines += ["> **Partial run**: the evaluation has not finished; numbers cover the records "
-                  "written so far.", ""]
+                  "written so far (see *samples per class* below)." + _order_warning(run.records), ""]
     packages = meta.get("packages") or {}
-    device = meta.get("device", "unknown")
-    if meta.get("device_name"):
-        device += f" ({meta['device_name']})"
     data = config.data
     lines += ["## Run", "",
               f"- commit: `{meta.get('git_commit') or 'unknown'}`",
-              f"- device: {device}; processes: {meta.get('processes', 1)}; "
-              f"torch threads: {meta.get('torch_threads', 'unknown')}; precision: {config.precision}",
+              f"- hardware: {_hardware_line(meta)}; processes: {meta.get('processes', 1)}",
               f"- packages: python {meta.get('python', 'unknown')}, " +
               ", ".join(f"{name} {version}" for name, version in packages.items() if version),
               f"- wall time: {_duration(meta.get('wall_time_seconds'))}",
               f"- seed: {config.seed} (data subset seed {data.seed})",
               f"- samples: {run.samples} ({data.dataset} {data.split}, limit {data.limit}); "
               f"batch size {config.batch_size}",
+              f"- samples per class (label: count): {_class_counts_text(run.samples_per_class)}",
               f"- models: victim `{config.models.victim}`, diffusion `{config.models.diffusion}`", ""]
 
     attacks = [a.name for a in config.attacks] + list(worst_cases(config))
-    table_rows = [[d.name, *(_main_cell(run.row(d.name, a)) for a in attacks)] for d in config.defenses]
+    draws = config.evaluation.draws
     lines += ["## Accuracy", "",
-              *_table(["defence", *attacks], table_rows, ["---", *[":---:"] * len(attacks)]), "",
-              f"Robust accuracy (%) with 95 % Wilson score intervals over n = {run.samples} "
-              "samples" + ("; in parentheses the accuracy reported in the paper." if any(
-                  r["paper"] is not None for r in run.rows) else "."), ""]
+              f"Every example is classified by R = {draws} purifications whose noise no attacker "
+              "saw (deterministic defences: one), and scored three ways; the worst case is taken "
+              "per sample over the attacks of one threat group, clean included. 95 % intervals "
+              f"(Wilson; a normal interval for expected accuracy over several draws) over "
+              f"n = {run.samples} samples" + ("; in parentheses the accuracy reported in the paper."
+                                             if any(r["paper"] is not None for r in run.rows) else "."), ""]
+    order = [config.evaluation.headline, *(s for s in SCORINGS if s != config.evaluation.headline)]
+    for scoring in order:
+        table_rows = [[d.name, *(_main_cell(run.row(d.name, a), scoring) for a in attacks)]
+                      for d in config.defenses]
+        lines += [f"### {SCORING_LABELS[scoring]}" + (" (headline)" if scoring == order[0] else ""), "",
+                  f"{SCORING_LABELS[scoring].capitalize()}: {SCORING_MEANINGS[scoring]}.", "",
+                  *_table(["defence", *attacks], table_rows, ["---", *[":---:"] * len(attacks)]), ""]
+    if run.warnings:
+        lines += ["### Warnings from the attacks", ""]
+        unique = dict.fromkeys((w["defense"], w["attack"], w["message"]) for w in run.warnings)
+        lines += [f"- {defense} / {attack}: {message}" for defense, attack, message in unique]
+        lines += [""]
 
     lines += ["### Defences", ""]
     lines += [f"- **{d.name}** ({d.kind}): {_settings_text(run.settings[d.name], d)}"
@@ -225,14 +252,14 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
     long_rows = [[r["defense"], r["attack"], r["kind"], NORM_LABELS.get(r["norm"], r["norm"]),
                   _format_eps(r["eps"], r["norm"]) if r["kind"] != "clean" else "–",
                   r["steps"] if r["kind"] not in ("clean", "worst-case") else "–", r["eot"],
+                  "frozen" if r.get("frozen_noise") else "fresh",
                   _settings_text(run.settings[r["defense"]], run.defenses[r["defense"]]),
-                  f"{r['correct']} / {r['total']}",
-                  f"{100 * r['accuracy']:.1f}" if r["total"] else "–",
-                  f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]" if r["total"] else "–",
+                  r["draws"], r["total"], *(interval_text(r, s) for s in SCORINGS),
                   _format_number(r["paper"])] for r in run.rows]
     lines += ["", "## All results", "",
-              *_table(["defence", "attack", "kind", "norm", "ε", "steps", "EOT", "defence settings",
-                       "correct / n", "accuracy %", "95 % CI", "paper %"], long_rows), "",
+              *_table(["defence", "attack", "kind", "norm", "ε", "steps", "EOT", "noise",
+                       "defence settings", "R", "n", *(f"{SCORING_LABELS[s]} %" for s in SCORINGS),
+                       "paper %"], long_rows), "",
               f"Machine-readable: [{CSV_FILE}]({CSV_FILE}).", ""]
 
     if plots:
@@ -251,8 +278,8 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
     return "\n".join(lines)
 
 
-def _main_cell(row: dict) -> str:
-    text = _percent_interval(row)
+def _main_cell(row: dict, scoring: str) -> str:
+    text = interval_text(row, scoring) if row["total"] else "–"
     return text + (f" ({_format_number(row['paper'])})" if row["paper"] is not None else "")
 
 
@@ -260,8 +287,10 @@ def _main_cell(row: dict) -> str:
 
 def _write_csv(run: _Run, path: Path) -> None:
     extra = sorted({key for d in run.config.defenses for key in d.purifier} - set(PURIFIER_COLUMNS))
-    fields = ["defense", "defense_kind", "attack", "kind", "norm", "eps", "eot", "steps",
-              *PURIFIER_COLUMNS, *extra, "correct", "total", "accuracy", "ci_low", "ci_high", "paper"]
+    scored = [f"{scoring}_{part}" for scoring in SCORINGS for part in ("accuracy", "ci_low", "ci_high")]
+    fields = ["defense", "defense_kind", "attack", "kind", "norm", "eps", "eot", "steps", "frozen_noise",
+              *PURIFIER_COLUMNS, *extra, "draws", "scoring", "correct", "total", "accuracy", "ci_low",
+              "ci_high", *scored, "paper"]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -341,8 +370,8 @@ def _epsilon_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
             points = [(a.eps * scale, r) for a, r in zip(attacks, rows) if r["total"]]
             if points:
                 _error_bars(axes, [x for x, _ in points], [r for _, r in points], defense.name)
-        details = _plural(first.steps, "step") if first.kind != "autoattack" else first.version
-        details += f", EOT {first.eot}" if first.eot > 1 else ""
+        details = _plural(first.iterations, "step") if first.kind != "autoattack" else first.version
+        details += f", EOT {first.eot_draws}" if first.eot_draws > 1 else ""
         title = f"Accuracy vs ε: {first.kind} {NORM_LABELS.get(first.norm, first.norm)} ({details})"
         _finish_axes(axes, "ε (×1/255)" if scale == 255 else "ε", title)
         path = plot_dir / f"{name}.png"

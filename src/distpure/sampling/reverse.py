@@ -61,9 +61,12 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, c: StepCoefficients, nois
     """x_{t'} from x_t and the (possibly guided) noise prediction ε.
 
     With ``variance_output`` (a learned-range model) the DDPM posterior mean is used with the
-    learned variance; otherwise the DDIM update with stochasticity η (η = 1 is ancestral DDPM
-    with the posterior variance, η = 0 deterministic DDIM).
+    learned variance, so η must stay 1; otherwise the DDIM update with stochasticity η (η = 1 is
+    ancestral DDPM with the posterior variance, η = 0 deterministic DDIM).
     """
+    if variance_output is not None and eta != 1.0:
+        raise ValueError(f"eta={eta}: a learned-variance model steps with its own variance, so "
+                         "eta is not used; leave it at 1.0 (or use a fixed-variance model for DDIM)")
     x0 = predict_x0(x_t, eps, c.alpha_bar, clip)
     if variance_output is not None:
         mean = posterior_mean(x_t, x0, c)

@@ -37,6 +37,7 @@ class ClassifierTrainingConfig(TrainingRunConfig):
     weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.adversarial not in ("none", "pgd"):
             raise ValueError(f"adversarial must be 'none' or 'pgd', got {self.adversarial!r}")
         self.eps = parse_epsilon(self.eps)

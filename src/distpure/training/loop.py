@@ -10,7 +10,7 @@ from typing import Callable, Protocol
 import torch
 from tqdm import tqdm
 
-from ..devices import resolve_device
+from ..devices import check_precision, hardware, resolve_device
 
 from .checkpoint import load_if_exists, restore_rng_state, rng_state, save_atomic
 
@@ -26,7 +26,10 @@ class TrainingRunConfig:
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"
-    precision: str = "bf16"
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
 
 
 class Stateful(Protocol):
@@ -44,12 +47,14 @@ class LoopSettings:
 
 
 def start_run(config) -> tuple[torch.device, Path]:
-    """Resolve the device, create the output folder with the run's config, seed the RNG."""
+    """Resolve the device, create the output folder with the run's config and hardware, seed the RNG."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    device = resolve_device(config.device)
+    record = {**asdict(config), "hardware": hardware(device, config.precision)}
+    (out / "train_config.json").write_text(json.dumps(record, indent=2))
     torch.manual_seed(config.seed)
-    return resolve_device(config.device), out
+    return device, out
 
 
 def run_loop(settings: LoopSettings, state: dict[str, Stateful], train_step: Callable[[int], float],

@@ -1,0 +1,74 @@
+"""What a run really ran: every defence's settings after defaults and overrides, stored beside
+its config, so that a resumed run never mixes two defences in one results file (a default may
+change between versions; ``config.yaml`` stores only what the user wrote)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, is_dataclass
+from importlib import metadata as importlib_metadata
+
+import yaml
+
+from ..defenses.defended import DefendedClassifier
+from .config import ExperimentConfig
+from .rundir import RunDirectory
+
+
+def package_version() -> str:
+    try:
+        return importlib_metadata.version("distpure")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def resolved_settings(config: ExperimentConfig, defenses: dict[str, DefendedClassifier]) -> dict:
+    """The full settings of every defence as built (purifier settings after the recommended
+    defaults and the config's overrides) and the scoring, with the package version that
+    resolved them (recorded, not compared: a new version that resolves the same settings may
+    resume a run)."""
+    settings = {}
+    for spec in config.defenses:
+        defense = defenses[spec.name]
+        purifier = defense.purifier
+        purifier_config = getattr(purifier, "config", None)
+        settings[spec.name] = {
+            "kind": spec.kind, "votes": defense.votes, "stochastic": defense.stochastic,
+            "purifier": asdict(purifier_config) if is_dataclass(purifier_config) else None,
+            "preprocessing": spec.preprocessing or None,
+            "classifier": spec.classifier if spec.kind == "classifier" else config.models.victim}
+    return {"distpure": package_version(), "settings": {
+        "defenses": settings, "evaluation": asdict(config.evaluation), "diffusion": config.models.diffusion}}
+
+
+def differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """``a.b: 1 -> 2`` for every setting that differs between two nested mappings."""
+    lines = []
+    for key in sorted(set(stored) | set(current), key=str):
+        old, new = stored.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return lines
+
+
+def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict) -> None:
+    """Create the run directory, or check before resuming that it holds this same experiment,
+    as written (``config.yaml``) and as resolved (``resolved.json``); a difference is refused,
+    named."""
+    files.root.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(asdict(config), sort_keys=True)
+    if files.config.is_file() and files.config.read_text() != text:
+        stored = yaml.safe_load(files.config.read_text())
+        changed = "; ".join(differences(stored, yaml.safe_load(text))[:8])
+        raise ValueError(f"{files.root} holds a different experiment (its config.yaml differs: "
+                         f"{changed}); use another --out directory or delete it")
+    if files.resolved.is_file():
+        changed = differences(json.loads(files.resolved.read_text())["settings"], resolved["settings"])
+        if changed:
+            raise ValueError(f"{files.root} was run with other settings than this version resolves "
+                             f"({'; '.join(changed[:8])}); resuming would mix two defences in one "
+                             "results file: finish it with the version that started it, or use "
+                             "another --out directory")
+    files.config.write_text(text)
+    files.resolved.write_text(json.dumps(resolved, indent=2, sort_keys=True))

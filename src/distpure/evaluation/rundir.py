@@ -1,0 +1,62 @@
+"""The run directory, defined once: every file an evaluation writes and a report reads.
+
+- ``config.yaml``: the experiment as given (after ``--set`` overrides);
+- ``resolved.json``: every defence's full settings after defaults, and the package version;
+- ``results.jsonl``: one record per (sample, defence, attack), appended as it is produced
+  (``results.rank<N>.jsonl`` per process under torchrun, merged at the end);
+- ``warnings.jsonl``: what attacks warned about (AutoAttack's checks), per defence and attack;
+- ``metadata.json``, ``summary.json``: written when the run finishes;
+- ``examples/<defence>__<attack>.safetensors``: a few clean / adversarial / purified images;
+- ``report.md``, ``results.csv``, ``plots/``: written by ``distpure report``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .records import read_records, record_key
+
+
+class RunDirectory:
+    """The paths of one run directory, and the reads that both the runner and the report need."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.resolved = self.root / "resolved.json"
+        self.results = self.root / "results.jsonl"
+        self.warnings = self.root / "warnings.jsonl"
+        self.metadata = self.root / "metadata.json"
+        self.summary = self.root / "summary.json"
+        self.examples = self.root / "examples"
+        self.report = self.root / "report.md"
+        self.csv = self.root / "results.csv"
+        self.plots = self.root / "plots"
+
+    def shard_results(self, rank: int) -> Path:
+        return self.root / f"results.rank{rank}.jsonl"
+
+    def example_file(self, defense: str, attack: str) -> Path:
+        return self.examples / f"{defense}__{attack}.safetensors"
+
+    def shard_result_files(self) -> list[Path]:
+        return sorted(self.root.glob("results.rank*.jsonl"))
+
+    @property
+    def finished(self) -> bool:
+        """A summary exists and no shard file waits to be merged."""
+        return self.summary.is_file() and not self.shard_result_files()
+
+    def records(self) -> list[dict]:
+        """Every complete record, the merged file's and the shards', one per key, in key order."""
+        records = {}
+        for path in [self.results, *self.shard_result_files()]:
+            for record in read_records(path):
+                records[record_key(record)] = record
+        return [records[key] for key in sorted(records)]
+
+    def read_metadata(self) -> dict:
+        return json.loads(self.metadata.read_text()) if self.metadata.is_file() else {}
+
+    def read_warnings(self) -> list[dict]:
+        return read_records(self.warnings)

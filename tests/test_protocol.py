@@ -1,0 +1,124 @@
+"""The evaluation protocol cannot flatter a randomized defence: attacker and scorer attack and
+score the same defence, never share a noise stream, frozen noise is keyed by sample, AutoAttack's
+verdict is kept, transfer examples are keyed by the model they came from, and a resumed run
+cannot mix two defences. Each test fails on the harness as it was before the protocol issue."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_images
+from distpure.attacks.autoattack import run_autoattack
+from distpure.attacks.suite import AttackConfig, attacked_model, craft
+from distpure.defenses.defended import DefendedClassifier
+from distpure.defenses.purifier import Purifier, PurifierConfig
+from distpure.evaluation.protocol import outcome, predict_draws, scorers
+
+
+def _defense(diffusion, victim, votes: int = 1, **options) -> DefendedClassifier:
+    settings = dict(t_star=50, num_steps=3, precision="fp32", guidance="victim", **options)
+    return DefendedClassifier(victim, Purifier(diffusion, PurifierConfig(**settings), victim=victim), votes)
+
+
+def test_a_variant_without_a_seed_draws_its_own_stream(tiny_diffusion, tiny_victim, tiny_images):
+    """The README's attack example: the attacker's copy must not replay the scorer's draws."""
+    purifier = _defense(tiny_diffusion, tiny_victim).purifier
+    attacker = purifier.variant(checkpoint_steps=True)
+    second = purifier.variant(checkpoint_steps=True)
+    with torch.no_grad():
+        scored, attacked, again = purifier(tiny_images), attacker(tiny_images), second(tiny_images)
+    assert attacker.config.seed != purifier.config.seed != second.config.seed != attacker.config.seed
+    assert not torch.equal(scored, attacked) and not torch.equal(attacked, again)
+    same = purifier.variant(checkpoint_steps=True, seed=purifier.config.seed)
+    fresh = Purifier(purifier.diffusion, purifier.config, victim=tiny_victim)
+    with torch.no_grad():
+        assert torch.equal(same(tiny_images), fresh(tiny_images))  # an explicit seed is kept
+
+
+def test_frozen_noise_is_keyed_by_sample_not_position(tiny_diffusion, tiny_victim):
+    """AutoAttack calls the defence on subsets of a batch: a sample must see its own noise."""
+    images = make_tiny_images(3, seed=1)
+    frozen = _defense(tiny_diffusion, tiny_victim, frozen_noise=True).purifier.bind_samples(images, [7, 8, 9])
+    with torch.no_grad():
+        whole = frozen(images)
+        reordered = frozen(images[[2, 0]])
+        perturbed = frozen((images[[1]] + 2 / 255).clamp(0, 1))  # an adversarial example of sample 8
+        unbound = frozen.variant(seed=123, frozen_noise=True)
+    assert torch.equal(reordered, whole[[2, 0]])
+    assert not torch.equal(perturbed, whole[[1]]) and (perturbed - whole[[1]]).abs().mean() < 0.05
+    assert unbound._samples is None  # another seed is another defence: the binding does not carry over
+    with pytest.raises(ValueError, match="frozen_noise=True"):
+        _defense(tiny_diffusion, tiny_victim).purifier.bind_samples(images, [1, 2, 3])
+
+
+def test_attacker_attacks_the_scored_votes(tiny_diffusion, tiny_victim):
+    defense = _defense(tiny_diffusion, tiny_victim, votes=3)
+    for kind in ("pgd", "bpda", "surrogate"):
+        model = attacked_model(AttackConfig("a", kind=kind, surrogate={"num_steps": 2} if kind == "surrogate" else {}),
+                               defense, seed=5)
+        assert isinstance(model, DefendedClassifier) and model.votes == 3
+        assert model.victim is defense.victim
+
+
+def test_attacker_and_scorer_streams_differ_and_frozen_noise_is_shared(tiny_diffusion, tiny_victim, tiny_images):
+    defense = _defense(tiny_diffusion, tiny_victim)
+    labels = torch.zeros(len(tiny_images), dtype=torch.long)
+    fresh = AttackConfig("fresh", steps=1)
+    scoring = scorers(defense, draws=3, seed=11)
+    attacker = attacked_model(fresh, defense, seed=11)
+    with torch.no_grad():
+        views = [model.purifier(tiny_images) for model in scoring] + [attacker.purifier(tiny_images)]
+    assert all(not torch.equal(a, b) for i, a in enumerate(views) for b in views[i + 1:])
+    frozen_attack = AttackConfig("frozen", steps=1, frozen_noise=True)
+    result = craft(frozen_attack, defense, tiny_images, labels, seed=11, sample_keys=[4, 5])
+    assert scorers(defense, 3, 11, result.frozen_scorer) == [result.frozen_scorer]
+    frozen_attacker = attacked_model(frozen_attack, result.frozen_scorer, seed=11)
+    with torch.no_grad():
+        assert torch.equal(frozen_attacker.purifier(tiny_images), result.frozen_scorer.purifier(tiny_images))
+    # the frozen draw is its own stream, not PGD's random start: another start, the same draw
+    moved = AttackConfig("frozen", steps=1, frozen_noise=True, eps="4/255")
+    other = craft(moved, defense, tiny_images, labels, seed=11, sample_keys=[4, 5])
+    assert other.frozen_scorer.purifier.config.seed == result.frozen_scorer.purifier.config.seed
+    assert other.frozen_scorer.purifier.config.seed != 11
+
+
+def test_deterministic_defences_are_scored_once(tiny_victim, tiny_images):
+    plain = DefendedClassifier(tiny_victim, None)
+    assert scorers(plain, draws=8, seed=0) == [plain]
+    predictions = predict_draws(scorers(plain, 8, 0), tiny_images)
+    assert [len(p) for p in predictions] == [1, 1]
+
+
+class _Noisy(nn.Module):
+    """Class 0 for bright images, class 1 for dark ones (margins far beyond 8/255), plus noise:
+    a randomized model whose dark image AutoAttack's first check calls wrong."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        brightness = images.mean(dim=(1, 2, 3)) - 0.5
+        logits = 40.0 * brightness[:, None] * torch.tensor([1.0, -1.0])
+        return logits + 0.01 * torch.randn_like(logits)
+
+
+def test_autoattack_keeps_its_verdict_and_its_warnings():
+    """Before: the clean image came back for a sample AutoAttack did not attack because a
+    forward already called it wrong, and the scorer then counted it robust whenever its fresh
+    draws were right; AutoAttack's warnings (here: a randomized model) were silenced."""
+    images = torch.stack([torch.full((3, 16, 16), 0.2), torch.full((3, 16, 16), 0.8)])
+    labels = torch.zeros(2, dtype=torch.long)
+    result = run_autoattack(_Noisy(), images, labels, eps=8 / 255, attacks_to_run=["apgd-ce"], iterations=2)
+    assert torch.equal(result.examples, images)  # nothing crafted: clean images came back
+    assert result.broken.tolist() == [True, False]
+    fresh_draws_right = {"index": 0, "label": 0, "predictions": [0, 0, 0]}
+    assert outcome(fresh_draws_right).worst and not outcome({**fresh_draws_right, "verdict": "broken"}).worst
+    assert any("randomized defense" in message for message in result.warnings)
+    assert logging.getLogger("auto-attack").handlers == []  # the collector is removed again
+
+
+def test_autoattack_defaults_for_randomized_defences():
+    rand = AttackConfig("aa", kind="autoattack", version="rand")
+    assert (rand.eot_draws, rand.iterations) == (20, 100)
+    assert AttackConfig("aa", kind="autoattack", version="rand", eot=4).eot_draws == 4
+    assert AttackConfig("p").eot_draws == 1 and AttackConfig("p").iterations == 20
