@@ -58,6 +58,12 @@ class TinyCNN(nn.Module):
     def forward(self, images):
         brightness = images.mean(dim=(1, 2, 3)) - 0.5
         return self.features(images) + 40.0 * brightness[:, None] * torch.tensor([-1.0, 1.0])
+
+
+class DarkCNN(TinyCNN):
+    # another victim: logits negated, so its attack gradients point the other way
+    def forward(self, images):
+        return -super().forward(images)
 '''
 IMAGES_PER_CLASS = 6
 BATCH_SIZE = 4
@@ -395,19 +401,32 @@ def test_resuming_with_other_resolved_settings_is_refused(assets, config_path, r
         run_experiment(load_experiment(config_path), run_dir, show_progress=False)
 
 
+def test_autoattack_warnings_reach_the_log_and_the_report(assets, tmp_path, caplog):
+    """AutoAttack's check that the defence is randomized (standard version) is kept, not muted."""
+    attacks = [{"name": "aa", "kind": "autoattack", "steps": 1, "attacks_to_run": ["apgd-ce"]}]
+    values = experiment(assets, defenses=[DEFENSES[1]], attacks=attacks,
+                        data={"dataset": "cifar10", "root": str(assets.data), "limit": 4})
+    run_dir = tmp_path / "aa"
+    with caplog.at_level("WARNING", logger="distpure"):
+        run_experiment(load_experiment(write_yaml(tmp_path / "aa.yaml", values)), run_dir, show_progress=False)
+    stored = read_records(run_dir / "warnings.jsonl")
+    assert stored and all(w["defense"] == "purified" and w["attack"] == "aa" for w in stored)
+    assert any("randomized defense" in w["message"] for w in stored)
+    assert "randomized defense" in caplog.text
+    text = write_report(run_dir).read_text()
+    assert "### Warnings from the attacks" in text and "purified / aa: it seems to be a randomized" in text
+
+
 def test_transfer_examples_are_keyed_by_the_model_they_were_crafted_on(assets, tmp_path):
     """A robust classifier defence listed first must not hand its transfer examples to the
     defences behind the experiment's victim."""
     from distpure.models.weights import save_state_dict
 
     plugin = importlib.import_module(PLUGIN)
-    torch.manual_seed(1)
-    other = plugin.TinyCNN()
-    other.features[-1].weight.data *= 30  # a victim of its own, whose gradient differs
-    save_state_dict(other, tmp_path / "other.safetensors")
+    save_state_dict(plugin.DarkCNN(), tmp_path / "other.safetensors")
     attacks = [{"name": "transfer", "kind": "transfer", "eps": "8/255", "steps": 2}]
     robust = {"name": "robust", "kind": "classifier", "classifier": str(tmp_path / "other.safetensors"),
-              "classifier_arch": ARCH}
+              "classifier_arch": f"{PLUGIN}:DarkCNN"}
     runs = {}
     for name, defenses in (("both", [robust, DEFENSES[0]]), ("alone", [DEFENSES[0]])):
         config = load_experiment(write_yaml(tmp_path / f"{name}.yaml",

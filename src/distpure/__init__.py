@@ -9,12 +9,13 @@ from .defenses.guidance import CombinedGuidance, Guidance, MSEGuidance, VictimGu
 from .defenses.purifier import Purifier, PurifierConfig
 from .defenses.recommended import load_defense
 from .models.classifiers import load_classifier
-from .models.diffusion import DiffusionModel, load_diffusion
+from .models.diffusion import DiffusionModel, NoisePredictor, load_diffusion
+from .models.ncsnpp import ScoreSDEModel, load_score_sde
 
 __version__ = "0.1.0"
 __all__ = [
     "CombinedGuidance", "DefendedClassifier", "DiffusionModel", "Guidance", "LabelledImages",
-    "MSEGuidance", "Purifier", "PurifierConfig", "VictimGuidance", "build_guidance",
-    "load_classifier", "load_cifar10", "load_dataset", "load_defense", "load_diffusion",
-    "load_image_folder", "load_imagenet30",
+    "MSEGuidance", "NoisePredictor", "Purifier", "PurifierConfig", "ScoreSDEModel", "VictimGuidance",
+    "build_guidance", "load_classifier", "load_cifar10", "load_dataset", "load_defense",
+    "load_diffusion", "load_image_folder", "load_imagenet30", "load_score_sde",
 ]

@@ -7,6 +7,7 @@ the experiment's R draws.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .rundir import RunDirectory
 from .summary import summarize
 
 EXAMPLES_PER_PAIR = 8
+_LOG = logging.getLogger("distpure")
 DEFAULT_DATA_FOLDERS = {"cifar10": "cifar10-jpeg", "imagenet30": "imagenet30-samples"}
 
 
@@ -198,9 +200,11 @@ def _victim_name(spec: DefenseConfig, config: ExperimentConfig) -> str:
 
 
 def _append_warnings(files: RunDirectory, defense: str, attack: str, batch: int, messages: list[str]) -> None:
-    """Keep what an attack warned about (one short JSON line each, appended atomically)."""
+    """Log what an attack warned about and keep it for the report (one short JSON line each,
+    appended atomically)."""
     with open(files.warnings, "a", encoding="utf-8") as handle:
         for message in messages:
+            _LOG.warning("defence %s, attack %s, batch %d: %s", defense, attack, batch, message)
             handle.write(json.dumps({"defense": defense, "attack": attack, "batch": batch,
                                      "message": message}, sort_keys=True) + "\n")
 
