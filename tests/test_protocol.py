@@ -12,7 +12,8 @@ from torch import nn
 
 from conftest import make_tiny_images
 from distpure.attacks.autoattack import run_autoattack
-from distpure.attacks.suite import AttackConfig, attacked_model, craft
+from distpure.attacks.base import ATTACKS, Attack, Crafted
+from distpure.attacks.suite import AttackConfig, craft
 from distpure.defenses.defended import DefendedClassifier
 from distpure.defenses.purifier import Purifier, PurifierConfig
 from distpure.evaluation.protocol import outcome, predict_draws, scorers
@@ -52,6 +53,10 @@ def test_frozen_noise_is_keyed_by_sample_not_position(tiny_diffusion, tiny_victi
     assert unbound._samples is None  # another seed is another defence: the binding does not carry over
     with pytest.raises(ValueError, match="frozen_noise=True"):
         _defense(tiny_diffusion, tiny_victim).purifier.bind_samples(images, [1, 2, 3])
+
+
+def attacked_model(attack: AttackConfig, defense: DefendedClassifier, seed: int) -> nn.Module:
+    return ATTACKS.build(attack.kind, config=attack).attacked_model(defense, seed)
 
 
 def test_attacker_attacks_the_scored_votes(tiny_diffusion, tiny_victim):
@@ -122,3 +127,22 @@ def test_autoattack_defaults_for_randomized_defences():
     assert (rand.eot_draws, rand.iterations) == (20, 100)
     assert AttackConfig("aa", kind="autoattack", version="rand", eot=4).eot_draws == 4
     assert AttackConfig("p").eot_draws == 1 and AttackConfig("p").iterations == 20
+
+
+def test_an_attack_kind_is_one_registered_class(tiny_victim, tiny_images):
+    """Adding an attack is a class registered by name: configs accept its kind, ``craft`` runs it."""
+
+    @ATTACKS.register("test-corner")
+    class Corner(Attack):
+        """Moves every pixel by ε toward the nearer end of [0, 1]."""
+
+        def perturb(self, defense, images, labels, seed, start=None, sample_keys=None) -> Crafted:
+            step = torch.where(images < 0.5, -self.config.eps, self.config.eps)
+            return Crafted((images + step).clamp(0, 1))
+
+    labels = torch.zeros(len(tiny_images), dtype=torch.long)
+    result = craft(AttackConfig("corner", kind="test-corner"), DefendedClassifier(tiny_victim, None),
+                   tiny_images, labels, seed=0)
+    assert (result.examples - tiny_images).abs().max() == pytest.approx(8 / 255)
+    with pytest.raises(ValueError, match="test-corner"):
+        AttackConfig("typo", kind="test-cornr")

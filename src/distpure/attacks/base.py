@@ -1,0 +1,45 @@
+"""What every attack kind is: one small class, registered by name (as AutoAttack's and
+torchattacks' attacks are), whose ``perturb`` crafts one batch's examples against a defence."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..defenses.defended import DefendedClassifier
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from .suite import AttackConfig
+
+
+@dataclass
+class Crafted:
+    """An attack's result: the examples, the attack's own verdict where it gives one (AutoAttack:
+    which samples it broke), the model that scores them under a frozen-noise threat model (the
+    attacker's fixed draw), and what the attack warned about."""
+
+    examples: torch.Tensor
+    broken: torch.Tensor | None = None
+    frozen_scorer: DefendedClassifier | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+class Attack:
+    """Crafts adversarial examples as one ``AttackConfig`` says. Every random stream (PGD's
+    start, the attacker's noise, the frozen draw) is derived from the ``seed`` given to
+    ``perturb`` under its own name, so no two share one."""
+
+    def __init__(self, config: "AttackConfig") -> None:
+        self.config = config
+
+    def perturb(self, defense: DefendedClassifier, images: torch.Tensor, labels: torch.Tensor,
+                seed: int, start: torch.Tensor | None = None,
+                sample_keys: list[int] | None = None) -> Crafted:
+        """Examples for ``defense`` (images in [0, 1]); iterative attacks begin at ``start`` when
+        given; ``sample_keys`` (e.g. dataset indices) key each sample's frozen noise."""
+        raise NotImplementedError
+
+
+ATTACKS: Registry[Attack] = Registry("attack kind")
