@@ -538,7 +538,7 @@ def test_torchrun_matches_one_process(assets, config_path, reference_run, tmp_pa
 
 # ----------------------------------------------------------------------------- report
 
-def test_report_of_a_finished_run(reference_run, capsys):
+def test_report_of_a_finished_run(assets, reference_run, capsys):
     path = write_report(reference_run)
     assert path == reference_run / "report.md"
     text = path.read_text()
@@ -575,8 +575,12 @@ def test_report_of_a_finished_run(reference_run, capsys):
     assert f"](plots/{grids[0].name})" in text
     assert not list((reference_run / "plots").glob("accuracy_vs_*.png"))  # nothing is swept
 
+    assert "### Convergence" in text and (reference_run / "plots" / "convergence_pgd.png").is_file()
     assert main(["report", str(reference_run), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
+    # one trace per crafted batch: pgd per defence, transfer once, keyed by the victim it ran on
+    assert set(data["convergence"]) == {"none/pgd", "purified/pgd", f"victim={assets.victim}/transfer"}
+    assert data["convergence"]["purified/pgd"]["samples"] == 2 * IMAGES_PER_CLASS
     assert data["finished"] and data["samples"] == 12 and len(data["rows"]) == len(rows)
     assert [(r["defense"], r["attack"], r["accuracy"]) for r in data["rows"]] == \
         [(r["defense"], r["attack"], r["accuracy"]) for r in summary["rows"]]

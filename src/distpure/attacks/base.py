@@ -18,12 +18,14 @@ if TYPE_CHECKING:
 class Crafted:
     """An attack's result: the examples, the attack's own verdict where it gives one (AutoAttack:
     which samples it broke), the model that scores them under a frozen-noise threat model (the
-    attacker's fixed draw), and what the attack warned about."""
+    attacker's fixed draw), what the attack warned about, and its convergence trace (per
+    iteration: mean loss and accuracy on its own draws)."""
 
     examples: torch.Tensor
     broken: torch.Tensor | None = None
     frozen_scorer: DefendedClassifier | None = None
     warnings: list[str] = field(default_factory=list)
+    trace: list[dict] = field(default_factory=list)
 
 
 class Attack:

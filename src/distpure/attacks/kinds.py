@@ -29,8 +29,8 @@ class Transfer(Attack):
     """PGD on the undefended victim; the defence is met only when the examples are scored."""
 
     def perturb(self, defense, images, labels, seed, start=None, sample_keys=None) -> Crafted:
-        config = self.config.pgd_config(derive_seed(seed, "pgd-start"))
-        return Crafted(pgd(defense.victim, images, labels, config, start))
+        config, trace = self.config.pgd_config(derive_seed(seed, "pgd-start")), []
+        return Crafted(pgd(defense.victim, images, labels, config, start, trace), trace=trace)
 
 
 class DefenceAttack(Attack):
@@ -45,8 +45,8 @@ class DefenceAttack(Attack):
     def attack(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
                start: torch.Tensor | None, frozen: DefendedClassifier | None) -> Crafted:
         """PGD with EOT on ``model`` (the kinds differ in the model they differentiate)."""
-        config = self.config.pgd_config(derive_seed(seed, "pgd-start"))
-        return Crafted(pgd(model, images, labels, config, start), frozen_scorer=frozen)
+        config, trace = self.config.pgd_config(derive_seed(seed, "pgd-start")), []
+        return Crafted(pgd(model, images, labels, config, start, trace), frozen_scorer=frozen, trace=trace)
 
     def attacked_model(self, defense: DefendedClassifier, seed: int) -> nn.Module:
         """What the attacker differentiates: the victim alone where nothing is in front of it."""

@@ -62,12 +62,15 @@ def attack_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.
 
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-        config: PGDConfig | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
+        config: PGDConfig | None = None, start: torch.Tensor | None = None,
+        trace: list[dict] | None = None) -> torch.Tensor:
     """Adversarial examples within the ε-ball of ``images`` (clipped to [0, 1]); images outside
     [0, 1] or labels outside the model's outputs are a ValueError (labels: at the first forward).
 
     ``start`` (e.g. a transfer attack's examples) is the first iterate instead of a random point,
-    projected into the ball; warm starts keep a costly adaptive attack from wasting its steps."""
+    projected into the ball; warm starts keep a costly adaptive attack from wasting its steps.
+    ``trace``, if given, receives per iterate (and for the final one) the attacker's mean loss
+    and its accuracy on its own EOT draws: the convergence curve of the attack."""
     check_unit_images(images)
     config = config or PGDConfig()
     generator = torch.Generator().manual_seed(config.seed)
@@ -80,8 +83,9 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     best = (images + delta).detach()
     best_loss = torch.full((len(images),), float("-inf"), device=images.device)
     direction = torch.zeros_like(images)
-    for _ in range(config.steps):
-        loss, gradient = _expected_loss_and_gradient(model, images + delta, labels, config)
+    for step in range(config.steps):
+        loss, gradient, accuracy = _expected_loss_and_gradient(model, images + delta, labels, config)
+        _record(trace, step, loss, accuracy)
         if config.keep_best:
             improved = loss > best_loss
             best[improved] = (images + delta).detach()[improved]
@@ -91,24 +95,34 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     final = (images + delta).detach()
     if not config.keep_best or config.steps == 0:
         return final
-    final_loss, _ = _expected_loss_and_gradient(model, final, labels, config, need_gradient=False)
+    final_loss, _, accuracy = _expected_loss_and_gradient(model, final, labels, config, need_gradient=False)
+    _record(trace, config.steps, final_loss, accuracy)
     improved = final_loss > best_loss
     best[improved] = final[improved]
     return best
 
 
+def _record(trace: list[dict] | None, step: int, loss: torch.Tensor, accuracy: float) -> None:
+    if trace is not None:
+        trace.append({"step": step, "loss": float(loss.mean()), "accuracy": accuracy})
+
+
 def _expected_loss_and_gradient(model, x, labels, config, need_gradient=True):
-    """Mean loss and mean input gradient over ``eot`` stochastic forward passes."""
+    """Mean loss and mean input gradient over ``eot`` stochastic forward passes, and the
+    fraction of (sample, draw) pairs the model still classifies right."""
     x = x.detach().requires_grad_(need_gradient)
     total_loss = torch.zeros(len(x), device=x.device)
     total_gradient = torch.zeros_like(x)
+    right = 0
     for _ in range(config.eot):
         with torch.set_grad_enabled(need_gradient):
-            loss = attack_loss(model(x), labels, config.loss)
+            logits = model(x)
+            loss = attack_loss(logits, labels, config.loss)
+        right += int((logits.detach().argmax(1) == labels).sum())
         if need_gradient:
             total_gradient += torch.autograd.grad(loss.sum(), x)[0]
         total_loss += loss.detach()
-    return total_loss / config.eot, total_gradient / config.eot
+    return total_loss / config.eot, total_gradient / config.eot, right / (config.eot * len(x))
 
 
 def _unit_l1(gradient: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@
 - ``results.jsonl``: one record per (sample, defence, attack), appended as it is produced
   (``results.rank<N>.jsonl`` per process under torchrun, merged at the end);
 - ``warnings.jsonl``: what attacks warned about (AutoAttack's checks), per defence and attack;
+- ``traces.jsonl``: each crafted batch's convergence trace (per iteration: the attacker's mean
+  loss and its accuracy on its own draws), per defence (or victim, for transfer) and attack;
 - ``metadata.json``, ``summary.json``: written when the run finishes;
 - ``examples/<defence>__<attack>.safetensors``: a few clean / adversarial / purified images;
 - ``report.md``, ``results.csv``, ``plots/``: written by ``distpure report``.
@@ -26,6 +28,7 @@ class RunDirectory:
         self.resolved = self.root / "resolved.json"
         self.results = self.root / "results.jsonl"
         self.warnings = self.root / "warnings.jsonl"
+        self.traces = self.root / "traces.jsonl"
         self.metadata = self.root / "metadata.json"
         self.summary = self.root / "summary.json"
         self.examples = self.root / "examples"
@@ -60,3 +63,9 @@ class RunDirectory:
 
     def read_warnings(self) -> list[dict]:
         return read_records(self.warnings)
+
+    def read_traces(self) -> list[dict]:
+        """One trace per (owner, attack, batch): the last written (a batch re-crafted after a
+        resume writes its trace again, identically)."""
+        traces = {(t["owner"], t["attack"], t["batch"]): t for t in read_records(self.traces)}
+        return list(traces.values())

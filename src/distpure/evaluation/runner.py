@@ -190,6 +190,9 @@ def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: Defe
         seed = derive_seed(config.seed, owner, attack.name, batch.number)
         result = craft(attack, defense, batch.images, batch.labels, seed, start, batch.dataset_indices)
         result.examples = result.examples.detach()
+        if result.trace:
+            _append_jsonl(batch.files.traces, {"owner": owner, "attack": attack.name, "batch": batch.number,
+                                               "n": len(batch.indices), "trace": result.trace})
         crafted[owner, attack.name] = result
     return crafted[owner, attack.name]
 
@@ -200,13 +203,16 @@ def _victim_name(spec: DefenseConfig, config: ExperimentConfig) -> str:
 
 
 def _append_warnings(files: RunDirectory, defense: str, attack: str, batch: int, messages: list[str]) -> None:
-    """Log what an attack warned about and keep it for the report (one short JSON line each,
-    appended atomically)."""
-    with open(files.warnings, "a", encoding="utf-8") as handle:
-        for message in messages:
-            _LOG.warning("defence %s, attack %s, batch %d: %s", defense, attack, batch, message)
-            handle.write(json.dumps({"defense": defense, "attack": attack, "batch": batch,
-                                     "message": message}, sort_keys=True) + "\n")
+    """Log what an attack warned about and keep it for the report."""
+    for message in messages:
+        _LOG.warning("defence %s, attack %s, batch %d: %s", defense, attack, batch, message)
+        _append_jsonl(files.warnings, {"defense": defense, "attack": attack, "batch": batch, "message": message})
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    """One JSON line appended in a single write (atomic for a line: shards may share the file)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def _save_examples(files: RunDirectory, defense: str, attack: str, images, adversarial, scorer) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..devices import describe_hardware
 from ..evaluation.config import DefenseConfig, ExperimentConfig, load_experiment
+from ..evaluation.convergence import TOLERANCE, Curve, convergence_summary, curves
 from ..evaluation.protocol import SCORINGS
 from ..evaluation.rundir import RunDirectory
 from ..evaluation.summary import SCORING_LABELS, interval_text, summarize, worst_cases
@@ -44,7 +45,7 @@ def write_report(run_dir: str | Path) -> Path:
     run = _Run.load(files)
     files.plots.mkdir(exist_ok=True)
     _write_csv(run, files.csv)
-    plots = _accuracy_plots(run, files.plots)
+    plots = [*_accuracy_plots(run, files.plots), *_convergence_plots(run, files.plots)]
     grids = [_image_grid(path, files.plots / f"grid_{path.stem}.png")
              for path in sorted(files.examples.glob("*.safetensors"))]
     files.report.write_text(_markdown(run, plots, [g for g in grids if g is not None], files.root))
@@ -57,19 +58,21 @@ def summary_json(run_dir: str | Path) -> dict:
     return _json_ready({**run.summary, "run_dir": str(run_dir), "finished": run.finished,
                         "samples": run.samples, "samples_per_class": run.samples_per_class,
                         "records": len(run.records), "metadata": run.metadata,
-                        "warnings": run.warnings})
+                        "warnings": run.warnings, "convergence": convergence_summary(run.traces)})
 
 
 class _Run:
     """What a report needs: the config, the records, the summary rows and the metadata."""
 
     def __init__(self, config: ExperimentConfig, records: list[dict], metadata: dict,
-                 finished: bool, resolved: dict | None = None, warnings: list[dict] | None = None) -> None:
+                 finished: bool, resolved: dict | None = None, warnings: list[dict] | None = None,
+                 traces: list[dict] | None = None) -> None:
         self.config = config
         self.records = records
         self.metadata = metadata
         self.finished = finished
         self.warnings = warnings or []
+        self.traces = traces or []
         self.summary = summarize(records, config)
         self.samples = len({r["index"] for r in records})
         self.samples_per_class = _samples_per_class(records)
@@ -83,7 +86,7 @@ class _Run:
             raise FileNotFoundError(f"{files.root}: not a run directory (no config.yaml)")
         resolved = json.loads(files.resolved.read_text()) if files.resolved.is_file() else None
         return cls(load_experiment(files.config), files.records(), files.read_metadata(), files.finished,
-                   resolved, files.read_warnings())
+                   resolved, files.read_warnings(), files.read_traces())
 
     @property
     def rows(self) -> list[dict]:
@@ -234,6 +237,7 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
         lines += [f"### {SCORING_LABELS[scoring]}" + (" (headline)" if scoring == order[0] else ""), "",
                   f"{SCORING_LABELS[scoring].capitalize()}: {SCORING_MEANINGS[scoring]}.", "",
                   *_table(["defence", *attacks], table_rows, ["---", *[":---:"] * len(attacks)]), ""]
+    lines += _convergence_lines(run)
     if run.warnings:
         lines += ["### Warnings from the attacks", ""]
         unique = dict.fromkeys((w["defense"], w["attack"], w["message"]) for w in run.warnings)
@@ -335,6 +339,41 @@ def _finish_axes(axes, xlabel: str, title: str) -> None:
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
+
+
+def _convergence_lines(run: _Run) -> list[str]:
+    """Per iterative attack: its accuracy on its own draws at the end, and whether it still
+    fell over its last quarter of iterations (then its numbers are upper bounds)."""
+    found = curves(run.traces)
+    if not found:
+        return []
+    rows = [[c.owner, c.attack, c.steps[-1], f"{100 * c.accuracy[-1]:.1f}", f"{100 * c.late_drop:+.1f}",
+             "converged" if c.converged else "**not converged**"] for c in found]
+    return ["### Convergence", "",
+            "Accuracy of the final iterate on the attacker's own EOT draws, and its fall over the "
+            f"last quarter of the iterations; a fall above {100 * TOLERANCE:.0f} point marks the "
+            "attack **not converged** (more iterations or EOT would likely break more samples).", "",
+            *_table(["defence (or victim)", "attack", "iterations", "own-draw accuracy %",
+                     "fall over last quarter (points)", "status"], rows), ""]
+
+
+def _convergence_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
+    """Accuracy on the attacker's own draws against iterations, one plot per attack."""
+    by_attack: dict[str, list[Curve]] = {}
+    for curve in curves(run.traces):
+        by_attack.setdefault(curve.attack, []).append(curve)
+    plots = []
+    for attack, found in by_attack.items():
+        figure = _new_figure((5.5, 4))
+        axes = figure.subplots()
+        for curve in found:
+            axes.plot(curve.steps, [100 * a for a in curve.accuracy], marker=".", label=curve.owner)
+        title = f"Convergence of {attack}"
+        _finish_axes(axes, "iteration", title)
+        path = plot_dir / f"convergence_{attack}.png"
+        figure.savefig(path, dpi=120)
+        plots.append((title, path))
+    return plots
 
 
 def _accuracy_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
