@@ -28,6 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from distpure.cli.main import main
+from distpure.config import from_dict
 from distpure.defenses.purifier import PurifierConfig
 from distpure.evaluation.config import (DefenseConfig, ExperimentConfig, load_experiment)
 from distpure.evaluation.records import RecordWriter, read_records, write_sorted
@@ -274,6 +275,15 @@ def test_three_scorings_of_scoring_draws():
     assert "worst-of-R" in table and "majority-of-R" in table and "25.0 [" in table
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"batch_size": 0}, "batch_size"), ({"data": {"limit": 0}}, "data.limit"),
+    ({"defenses": [{"name": "d", "purifier": {"frozen_noise": True}}]}, "frozen_noise is a threat model")])
+def test_bad_run_settings_are_refused(changes, message):
+    values = {"defenses": [{"name": "d", "kind": "none"}], "attacks": [{"name": "c", "kind": "clean"}], **changes}
+    with pytest.raises(ValueError, match=message):
+        from_dict(ExperimentConfig, values)
+
+
 @pytest.mark.parametrize("evaluation, message", [({"draws": 0}, "draws"), ({"headline": "best"}, "headline")])
 def test_bad_scoring_settings_are_refused(evaluation, message):
     with pytest.raises(ValueError, match=message):
@@ -471,6 +481,8 @@ def test_reference_run_is_complete(reference_run):
     assert not list(reference_run.glob("results.rank*.jsonl"))
     metadata = json.loads((reference_run / "metadata.json").read_text())
     assert metadata["processes"] == 1 and metadata["seed"] == 0
+    sessions = read_records(reference_run / "sessions.jsonl")
+    assert len(sessions) == 1 and sessions[0]["hardware"] == metadata["hardware"]
     hardware = metadata["hardware"]  # every figure says what produced it
     assert hardware["precision"] == "auto" and hardware["resolved_precision"] in ("fp32", "bf16")
     assert hardware["resolved_precision"] == ("bf16" if hardware["native_bf16"] else "fp32")
@@ -579,7 +591,7 @@ def test_report_of_a_finished_run(assets, reference_run, capsys):
     assert main(["report", str(reference_run), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     # one trace per crafted batch: pgd per defence, transfer once, keyed by the victim it ran on
-    assert set(data["convergence"]) == {"none/pgd", "purified/pgd", f"victim={assets.victim}/transfer"}
+    assert set(data["convergence"]) == {"none/pgd", "purified/pgd", f"victim={assets.victim} [{ARCH}]/transfer"}
     assert data["convergence"]["purified/pgd"]["samples"] == 2 * IMAGES_PER_CLASS
     assert data["finished"] and data["samples"] == 12 and len(data["rows"]) == len(rows)
     assert [(r["defense"], r["attack"], r["accuracy"]) for r in data["rows"]] == \

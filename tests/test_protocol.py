@@ -136,7 +136,7 @@ def test_an_attack_kind_is_one_registered_class(tiny_victim, tiny_images):
     class Corner(Attack):
         """Moves every pixel by ε toward the nearer end of [0, 1]."""
 
-        def perturb(self, defense, images, labels, seed, start=None, sample_keys=None) -> Crafted:
+        def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None):
             step = torch.where(images < 0.5, -self.config.eps, self.config.eps)
             return Crafted((images + step).clamp(0, 1))
 
@@ -146,3 +146,33 @@ def test_an_attack_kind_is_one_registered_class(tiny_victim, tiny_images):
     assert (result.examples - tiny_images).abs().max() == pytest.approx(8 / 255)
     with pytest.raises(ValueError, match="test-corner"):
         AttackConfig("typo", kind="test-cornr")
+
+
+def test_stochastic_preprocessing_draws_streams_of_its_own(tiny_victim, tiny_images):
+    from distpure.defenses.preprocessing import build_preprocessing
+
+    defense = DefendedClassifier(tiny_victim, build_preprocessing("resize-pad", scale=1.5))
+    draws = scorers(defense, draws=3, seed=2)
+    attacker = attacked_model(AttackConfig("p"), defense, seed=2)
+    seeds = [model.purifier.seed for model in draws] + [attacker.purifier.seed]
+    assert len(set(seeds)) == 4 and defense.purifier.seed not in seeds
+    with pytest.raises(ValueError, match="frozen_noise needs a diffusion purifier"):
+        craft(AttackConfig("f", steps=1, frozen_noise=True), defense, tiny_images,
+              torch.zeros(2, dtype=torch.long), seed=0)
+
+
+def test_frozen_attacks_of_one_defence_meet_one_draw(tiny_diffusion, tiny_victim, tiny_images):
+    """The frozen threat group's worst case is over attacks of the same fixed draw."""
+    defense, labels = _defense(tiny_diffusion, tiny_victim), torch.zeros(2, dtype=torch.long)
+    first = craft(AttackConfig("a", steps=1, frozen_noise=True), defense, tiny_images, labels, seed=1,
+                  sample_keys=[3, 4], frozen_seed=99)
+    second = craft(AttackConfig("b", kind="bpda", steps=1, frozen_noise=True), defense, tiny_images, labels,
+                   seed=2, sample_keys=[3, 4], frozen_seed=99)
+    with torch.no_grad():
+        assert torch.equal(first.frozen_scorer.purifier(tiny_images), second.frozen_scorer.purifier(tiny_images))
+
+
+@pytest.mark.parametrize("surrogate", [{"seed": 5}, {"frozen_noise": True}, {"checkpoint_steps": False}])
+def test_a_surrogate_cannot_change_the_threat_model(surrogate):
+    with pytest.raises(ValueError, match="cannot be changed"):
+        AttackConfig("s", kind="surrogate", surrogate=surrogate)

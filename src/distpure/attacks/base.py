@@ -37,10 +37,12 @@ class Attack:
         self.config = config
 
     def perturb(self, defense: DefendedClassifier, images: torch.Tensor, labels: torch.Tensor,
-                seed: int, start: torch.Tensor | None = None,
-                sample_keys: list[int] | None = None) -> Crafted:
+                seed: int, start: torch.Tensor | None = None, sample_keys: list[int] | None = None,
+                frozen_seed: int | None = None) -> Crafted:
         """Examples for ``defense`` (images in [0, 1]); iterative attacks begin at ``start`` when
-        given; ``sample_keys`` (e.g. dataset indices) key each sample's frozen noise."""
+        given. Under frozen noise each sample's fixed draw comes from ``frozen_seed`` (one per
+        defence, so that every frozen attack of a threat group meets the same draw; derived from
+        ``seed`` if not given) and its key in ``sample_keys`` (e.g. its dataset index)."""
         raise NotImplementedError
 
 

@@ -20,7 +20,7 @@ from .pgd import pgd
 class Clean(Attack):
     """No attack: the clean images."""
 
-    def perturb(self, defense, images, labels, seed, start=None, sample_keys=None) -> Crafted:
+    def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None) -> Crafted:
         return Crafted(images)
 
 
@@ -28,7 +28,7 @@ class Clean(Attack):
 class Transfer(Attack):
     """PGD on the undefended victim; the defence is met only when the examples are scored."""
 
-    def perturb(self, defense, images, labels, seed, start=None, sample_keys=None) -> Crafted:
+    def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None) -> Crafted:
         config, trace = self.config.pgd_config(derive_seed(seed, "pgd-start")), []
         return Crafted(pgd(defense.victim, images, labels, config, start, trace), trace=trace)
 
@@ -38,8 +38,10 @@ class DefenceAttack(Attack):
     purifier as this kind runs it, drawing noise of the attacker's own, or, under the frozen-noise
     threat model, one fixed draw per sample that attacker and scorer share."""
 
-    def perturb(self, defense, images, labels, seed, start=None, sample_keys=None) -> Crafted:
-        frozen = self.frozen_defense(defense, images, sample_keys, seed) if self.config.frozen_noise else None
+    def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None) -> Crafted:
+        if frozen_seed is None:
+            frozen_seed = derive_seed(seed, "frozen-noise")
+        frozen = self.frozen_defense(defense, images, sample_keys, frozen_seed) if self.config.frozen_noise else None
         return self.attack(self.attacked_model(frozen or defense, seed), images, labels, seed, start, frozen)
 
     def attack(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
@@ -68,13 +70,18 @@ class DefenceAttack(Attack):
     @staticmethod
     def frozen_defense(defense: DefendedClassifier, images: torch.Tensor, sample_keys: list[int] | None,
                        seed: int) -> DefendedClassifier | None:
-        """The defence with one fixed noise draw per sample (keyed by ``sample_keys``, else by
-        position), shared by the attacker and the scorer; None where nothing is random."""
+        """The defence with one fixed noise draw per sample (from ``seed``, keyed by
+        ``sample_keys``, else by position), shared by the attacker and the scorer; None where
+        nothing is random. A random defence that cannot fix its noise is refused, not attacked
+        with fresh noise under a frozen label."""
         purifier = defense.purifier
-        if purifier is None or not hasattr(purifier, "bind_samples"):
+        if not defense.stochastic:
             return None
+        if not hasattr(purifier, "bind_samples"):
+            raise ValueError(f"frozen_noise needs a diffusion purifier; {type(purifier).__name__} "
+                             "cannot fix its randomness")
         keys = sample_keys if sample_keys is not None else list(range(len(images)))
-        frozen = purifier.variant(frozen_noise=True, seed=derive_seed(seed, "frozen-noise"))
+        frozen = purifier.variant(frozen_noise=True, seed=seed)
         return defense.with_purifier(frozen.bind_samples(images, keys))
 
 

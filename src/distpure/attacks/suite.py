@@ -23,6 +23,11 @@ from .base import ATTACKS, Crafted
 from .pgd import PGDConfig
 
 
+# What a surrogate attack may change in its copy of the purifier (the defence it approximates).
+SURROGATE_SETTINGS = ("t_star", "num_steps", "eta", "guidance", "victim_scale", "mse_scale", "schedule",
+                      "target", "guidance_through_denoiser", "clip_x0", "sampler", "dt")
+
+
 def parse_epsilon(value: float | str) -> float:
     """``8/255`` or ``0.0314`` -> float."""
     return float(Fraction(value)) if isinstance(value, str) else float(value)
@@ -71,6 +76,10 @@ class AttackConfig:
         for setting, kind in (("attacks_to_run", "autoattack"), ("surrogate", "surrogate")):
             if getattr(self, setting) and self.kind != kind:
                 raise ValueError(f"{setting!r} is set, but it applies to kind {kind!r}, not {self.kind!r}")
+        unknown = sorted(set(self.surrogate) - set(SURROGATE_SETTINGS))
+        if unknown:  # noise, checkpointing and speed settings belong to the threat model, not the copy
+            raise ValueError(f"surrogate settings {', '.join(unknown)} cannot be changed; a surrogate "
+                             f"changes only {', '.join(SURROGATE_SETTINGS)}")
         try:  # the purifier settings the attacker's copy changes
             from_dict(PurifierConfig, self.surrogate)
         except ValueError as error:
@@ -99,7 +108,8 @@ class AttackConfig:
 
 def craft(attack: AttackConfig, defense: DefendedClassifier, images: torch.Tensor,
           labels: torch.Tensor, seed: int, start: torch.Tensor | None = None,
-          sample_keys: list[int] | None = None) -> Crafted:
+          sample_keys: list[int] | None = None, frozen_seed: int | None = None) -> Crafted:
     """Adversarial examples for ``defense`` under ``attack``, by the class registered for its
-    kind (see ``kinds``)."""
-    return ATTACKS.build(attack.kind, config=attack).perturb(defense, images, labels, seed, start, sample_keys)
+    kind (see ``kinds`` and ``Attack.perturb``)."""
+    return ATTACKS.build(attack.kind, config=attack).perturb(defense, images, labels, seed, start,
+                                                             sample_keys, frozen_seed)

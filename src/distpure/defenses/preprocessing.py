@@ -133,7 +133,13 @@ class RandomResizePad(nn.Module):
             raise ValueError(f"scale must be at least 1, got {scale}")
         self.scale = scale
         self.mode = mode
+        self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
+
+    def variant(self, seed: int, **purifier_settings) -> "RandomResizePad":
+        """The same transformation with a random stream of its own (for the attacker or one
+        scoring draw); purifier settings such as ``checkpoint_steps`` do not apply here."""
+        return RandomResizePad(self.scale, self.mode, seed)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([self._transform(image[None]) for image in images])

@@ -30,6 +30,11 @@ class DataConfig:
     limit: int | None = 256
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+            raise ValueError(f"data.limit must be a whole number of at least 1 (or null for all), "
+                             f"got {self.limit!r}")
+
 
 @dataclass
 class ModelsConfig:
@@ -67,6 +72,9 @@ class DefenseConfig:
         for kind in ("purifier", "preprocessing", "classifier"):
             if getattr(self, kind) and self.kind != kind:
                 raise ValueError(f"{kind!r} is set, but it applies to kind {kind!r}, not {self.kind!r}")
+        if self.purifier.get("frozen_noise"):
+            raise ValueError("frozen_noise is a threat model: set it on the attacks (attack.frozen_noise), "
+                             "which fix one draw per sample shared by attacker and scorer")
         if self.kind == "classifier" and not self.classifier:
             raise ValueError("kind 'classifier' needs 'classifier' (the model that replaces the victim)")
         if self.kind == "preprocessing":
@@ -114,6 +122,8 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, got {self.batch_size!r}")
         if isinstance(self.evaluation, dict):
             self.evaluation = from_dict(EvaluationConfig, self.evaluation)
         self.defenses = _build_items(DefenseConfig, self.defenses, "defence")

@@ -23,7 +23,8 @@ def package_version() -> str:
 
 def resolved_settings(config: ExperimentConfig, defenses: dict[str, DefendedClassifier]) -> dict:
     """The full settings of every defence as built (purifier settings after the recommended
-    defaults and the config's overrides) and the scoring, with the package version that
+    defaults and the config's overrides), the attacks' defaulted iterations and EOT, and the
+    scoring, with the package version that
     resolved them (recorded, not compared: a new version that resolves the same settings may
     resume a run)."""
     settings = {}
@@ -36,8 +37,10 @@ def resolved_settings(config: ExperimentConfig, defenses: dict[str, DefendedClas
             "purifier": asdict(purifier_config) if is_dataclass(purifier_config) else None,
             "preprocessing": spec.preprocessing or None,
             "classifier": spec.classifier if spec.kind == "classifier" else config.models.victim}
+    attacks = {a.name: {"iterations": a.iterations, "eot_draws": a.eot_draws} for a in config.attacks}
     return {"distpure": package_version(), "settings": {
-        "defenses": settings, "evaluation": asdict(config.evaluation), "diffusion": config.models.diffusion}}
+        "defenses": settings, "attacks": attacks, "evaluation": asdict(config.evaluation),
+        "diffusion": config.models.diffusion}}
 
 
 def differences(stored: dict, current: dict, prefix: str = "") -> list[str]:

@@ -7,6 +7,8 @@
 - ``warnings.jsonl``: what attacks warned about (AutoAttack's checks), per defence and attack;
 - ``traces.jsonl``: each crafted batch's convergence trace (per iteration: the attacker's mean
   loss and its accuracy on its own draws), per defence (or victim, for transfer) and attack;
+- ``sessions.jsonl``: when each (resumed) session of the run started, and on what hardware and
+  resolved precision (a long run may be resumed on other machines);
 - ``metadata.json``, ``summary.json``: written when the run finishes;
 - ``examples/<defence>__<attack>.safetensors``: a few clean / adversarial / purified images;
 - ``report.md``, ``results.csv``, ``plots/``: written by ``distpure report``.
@@ -29,6 +31,7 @@ class RunDirectory:
         self.results = self.root / "results.jsonl"
         self.warnings = self.root / "warnings.jsonl"
         self.traces = self.root / "traces.jsonl"
+        self.sessions = self.root / "sessions.jsonl"
         self.metadata = self.root / "metadata.json"
         self.summary = self.root / "summary.json"
         self.examples = self.root / "examples"
@@ -60,6 +63,9 @@ class RunDirectory:
 
     def read_metadata(self) -> dict:
         return json.loads(self.metadata.read_text()) if self.metadata.is_file() else {}
+
+    def read_sessions(self) -> list[dict]:
+        return read_records(self.sessions)
 
     def read_warnings(self) -> list[dict]:
         return read_records(self.warnings)

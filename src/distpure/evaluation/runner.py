@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ..attacks.suite import AttackConfig, Crafted, craft
 from ..data import LabelledImages, default_data_root, load_dataset
 from ..defenses.defended import DefendedClassifier
 from ..defenses.recommended import build_purified_classifier
-from ..devices import resolve_device
+from ..devices import hardware, resolve_device
 from ..models.classifiers import load_classifier
 from ..models.diffusion import load_diffusion
 from ..models.weights import save_tensors
@@ -47,6 +48,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
     check_compatible(config, data, defenses, device)
     if shard.is_main:
         claim_run_dir(files, config, resolved_settings(config, defenses))
+        _append_jsonl(files.sessions, {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                       "processes": shard.world_size, "hardware": hardware(device, config.precision)})
     shard.barrier()
     clock = RunClock(files.metadata)
     existing = files.records()
@@ -188,7 +191,9 @@ def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: Defe
             source = next(a for a in config.attacks if a.name == attack.start_from)
             start = _adversarial_examples(batch, defense, spec, source, crafted).examples
         seed = derive_seed(config.seed, owner, attack.name, batch.number)
-        result = craft(attack, defense, batch.images, batch.labels, seed, start, batch.dataset_indices)
+        frozen_seed = derive_seed(config.seed, spec.name, "frozen-noise")  # one draw per defence
+        result = craft(attack, defense, batch.images, batch.labels, seed, start, batch.dataset_indices,
+                       frozen_seed)
         result.examples = result.examples.detach()
         if result.trace:
             _append_jsonl(batch.files.traces, {"owner": owner, "attack": attack.name, "batch": batch.number,
@@ -198,8 +203,13 @@ def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: Defe
 
 
 def _victim_name(spec: DefenseConfig, config: ExperimentConfig) -> str:
-    """The classifier a defence puts behind its purification: its own, or the experiment's."""
-    return spec.classifier if spec.kind == "classifier" else config.models.victim
+    """The classifier a defence puts behind its purification (its own, or the experiment's),
+    named fully: the same name with another architecture or options is another model."""
+    if spec.kind == "classifier":
+        name, arch, options = spec.classifier, spec.classifier_arch, spec.classifier_options
+    else:
+        name, arch, options = config.models.victim, config.models.victim_arch, config.models.victim_options
+    return name + (f" [{arch}]" if arch else "") + (f" {json.dumps(options, sort_keys=True)}" if options else "")
 
 
 def _append_warnings(files: RunDirectory, defense: str, attack: str, batch: int, messages: list[str]) -> None:

@@ -73,6 +73,7 @@ class _Run:
         self.finished = finished
         self.warnings = warnings or []
         self.traces = traces or []
+        self.sessions: list[dict] = []
         self.summary = summarize(records, config)
         self.samples = len({r["index"] for r in records})
         self.samples_per_class = _samples_per_class(records)
@@ -85,8 +86,10 @@ class _Run:
         if not files.config.is_file():
             raise FileNotFoundError(f"{files.root}: not a run directory (no config.yaml)")
         resolved = json.loads(files.resolved.read_text()) if files.resolved.is_file() else None
-        return cls(load_experiment(files.config), files.records(), files.read_metadata(), files.finished,
-                   resolved, files.read_warnings(), files.read_traces())
+        run = cls(load_experiment(files.config), files.records(), files.read_metadata(), files.finished,
+                  resolved, files.read_warnings(), files.read_traces())
+        run.sessions = files.read_sessions()
+        return run
 
     @property
     def rows(self) -> list[dict]:
@@ -178,6 +181,14 @@ def _hardware_line(meta: dict) -> str:
     return f"{meta.get('device', 'unknown')} ({meta.get('device_name', 'unknown model')}), precision not recorded"
 
 
+def _session_lines(sessions: list[dict]) -> list[str]:
+    """When a run was resumed on other hardware (or another precision resolved), say so."""
+    machines = list(dict.fromkeys(describe_hardware(s["hardware"]) for s in sessions))
+    if len(machines) < 2:
+        return []
+    return [f"- sessions: {len(sessions)}, on {len(machines)} hardware configurations: " + "; ".join(machines)]
+
+
 def _samples_per_class(records: list[dict]) -> dict[int, int]:
     """How many distinct samples of each label the records cover, by label: the class balance
     of the sample, which for a partial run is whatever prefix of the evaluation order is done."""
@@ -212,6 +223,7 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
     lines += ["## Run", "",
               f"- commit: `{meta.get('git_commit') or 'unknown'}`",
               f"- hardware: {_hardware_line(meta)}; processes: {meta.get('processes', 1)}",
+              *_session_lines(run.sessions),
               f"- packages: python {meta.get('python', 'unknown')}, " +
               ", ".join(f"{name} {version}" for name, version in packages.items() if version),
               f"- wall time: {_duration(meta.get('wall_time_seconds'))}",
