@@ -124,3 +124,11 @@ def test_set_reaches_list_items_by_name(tmp_path: Path) -> None:
 def test_set_on_a_list_item_names_what_is_wrong(tmp_path: Path, pair: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_experiment(write_experiment(tmp_path / "ok.yaml"), parse_overrides([pair]))
+
+
+def test_sde_step_must_be_a_fraction_of_continuous_time():
+    from distpure.defenses.purifier import PurifierConfig
+
+    for dt in (0.0, -1e-3, 5.0):
+        with pytest.raises(ValueError, match="dt"):
+            PurifierConfig(dt=dt)

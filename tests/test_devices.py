@@ -110,3 +110,13 @@ def test_hardware_names_what_produced_a_figure(fake_probe):
     line = describe_hardware(info)
     assert line.startswith("precision fp32 (auto) on cpu: ") and info["cpu"] in line
     assert "no native bf16" in line
+
+
+@pytest.mark.parametrize("native, device, scaled", [(False, "cuda", True), (True, "cuda", False),
+                                                    (False, "cpu", False)])
+def test_float16_training_scales_its_loss(fake_probe, native, device, scaled):
+    from distpure.training.loop import needs_loss_scaling
+
+    fake_probe(native)
+    assert needs_loss_scaling(torch.device(device), "auto") == scaled
+    assert needs_loss_scaling(torch.device(device), "fp32") is False

@@ -72,6 +72,8 @@ class PurifierConfig:
         guidance_terms(self.guidance)
         check_choice("guidance schedule", self.schedule, SCHEDULES)
         check_choice("victim guidance target", self.target, TARGETS)
+        if not 0.0 < self.dt <= 1.0:
+            raise ValueError(f"dt must be in (0, 1] (the SDE sampler's step in continuous time), got {self.dt}")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ..devices import autocast
 from ..models.classifiers import CLASSIFIERS
 from ..models.weights import save_state_dict
 from .batches import random_batch, training_set
-from .loop import LoopSettings, TrainingRunConfig, run_loop, start_run
+from .loop import LoopSettings, TrainingRunConfig, loss_scaler, run_loop, start_run
 
 
 @dataclass
@@ -52,6 +52,7 @@ def train_classifier(config: ClassifierTrainingConfig) -> Path:
                                 weight_decay=config.weight_decay, nesterov=True)
     attack = PGDConfig(norm=config.norm, eps=config.eps, steps=config.attack_steps,
                        keep_best=False, step_size=2.5 * config.eps / max(1, config.attack_steps))
+    scaler = loss_scaler(device, config.precision)
 
     def train_step(step: int) -> float:
         for group in optimizer.param_groups:
@@ -65,8 +66,9 @@ def train_classifier(config: ClassifierTrainingConfig) -> Path:
         with autocast(device, config.precision):
             loss = F.cross_entropy(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         return float(loss)
 
     def export(step: int, seconds: float) -> None:
@@ -77,7 +79,7 @@ def train_classifier(config: ClassifierTrainingConfig) -> Path:
 
     settings = LoopSettings(out, config.steps, config.max_minutes, config.checkpoint_every,
                             "train-classifier")
-    run_loop(settings, {"model": model, "optimizer": optimizer}, train_step, export)
+    run_loop(settings, {"model": model, "optimizer": optimizer, "scaler": scaler}, train_step, export)
     return out / "model.safetensors"
 
 

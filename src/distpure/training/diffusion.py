@@ -16,7 +16,7 @@ from ..devices import autocast
 from ..models.diffusion import DiffusionModel, default_scheduler, small_unet
 from .batches import random_batch, training_set
 from .ema import EMA
-from .loop import LoopSettings, TrainingRunConfig, run_loop, start_run
+from .loop import LoopSettings, TrainingRunConfig, loss_scaler, run_loop, start_run
 
 
 @dataclass
@@ -45,12 +45,13 @@ def train_diffusion(config: DiffusionTrainingConfig) -> Path:
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
     ema = EMA(unet, config.ema_decay)
+    scaler = loss_scaler(device, config.precision)
 
     def train_step(step: int) -> float:
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * min(1.0, (step + 1) / config.warmup_steps)
         batch, _ = random_batch(images, labels, config.batch_size, device)
-        loss = _train_step(unet, optimizer, batch * 2.0 - 1.0, alphas_cumprod, config)
+        loss = _train_step(unet, optimizer, scaler, batch * 2.0 - 1.0, alphas_cumprod, config)
         ema.update(unet)
         return loss
 
@@ -62,12 +63,12 @@ def train_diffusion(config: DiffusionTrainingConfig) -> Path:
 
     settings = LoopSettings(out, config.steps, config.max_minutes, config.checkpoint_every,
                             "train-diffusion")
-    run_loop(settings, {"model": unet, "optimizer": optimizer, "ema": ema}, train_step, export)
+    run_loop(settings, {"model": unet, "optimizer": optimizer, "ema": ema, "scaler": scaler}, train_step, export)
     return out / "ema"
 
 
-def _train_step(unet, optimizer, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
-                config: DiffusionTrainingConfig) -> float:
+def _train_step(unet, optimizer, scaler: torch.amp.GradScaler, x0: torch.Tensor,
+                alphas_cumprod: torch.Tensor, config: DiffusionTrainingConfig) -> float:
     """One ε-prediction step on clean images ``x0`` in [-1, 1] at t ~ U[0, max_timestep)."""
     device = x0.device
     t = torch.randint(0, config.max_timestep, (config.batch_size,), device=device)
@@ -78,7 +79,9 @@ def _train_step(unet, optimizer, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
         prediction = unet(x_t, t).sample
     loss = F.mse_loss(prediction.float(), noise)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     return float(loss)

@@ -10,7 +10,7 @@ from typing import Callable, Protocol
 import torch
 from tqdm import tqdm
 
-from ..devices import check_precision, hardware, resolve_device
+from ..devices import check_precision, hardware, resolve_device, resolve_precision
 
 from .checkpoint import load_if_exists, restore_rng_state, rng_state, save_atomic
 
@@ -44,6 +44,17 @@ class LoopSettings:
     max_minutes: float | None
     checkpoint_every: int
     description: str
+
+
+def needs_loss_scaling(device: torch.device, precision: str) -> bool:
+    """Whether training runs in float16 on a GPU (``auto`` there without native bf16), where
+    small gradients underflow unless the loss is scaled."""
+    return device.type == "cuda" and resolve_precision(precision, device) == "fp16"
+
+
+def loss_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A loss scaler where ``needs_loss_scaling``; a no-op otherwise (bit-identical training)."""
+    return torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(device, precision))
 
 
 def start_run(config) -> tuple[torch.device, Path]:
@@ -95,6 +106,7 @@ def _resume(path: Path, state: dict[str, Stateful]) -> tuple[int, float]:
     if saved is None:
         return 0, 0.0
     for name, item in state.items():
-        item.load_state_dict(saved[name])
+        if name in saved or item.state_dict():  # a stateless part (a disabled scaler) may be absent
+            item.load_state_dict(saved[name])
     restore_rng_state(saved["rng"])
     return int(saved["step"]), float(saved["seconds"])
