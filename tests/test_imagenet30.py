@@ -113,9 +113,12 @@ def test_full_adm_flops_match_the_published_size() -> None:
 
 
 def test_evaluation_plan_counts_forwards() -> None:
-    plan = EvaluationPlan(images=1, purifier_defenses=1, reverse_steps=1, attack_steps=1, eot=1)
+    plan = EvaluationPlan(images=1, purifier_defenses=1, reverse_steps=1, attack_steps=1, eot=1, draws=1)
     # clean 1 + transfer 1 + BPDA (2 purifications + scoring) 3 + PGD (4 + final loss 1 + scoring 1) 6
     assert plan.forwards_per_image() == 11
+    # R = 10 scoring draws: every attack's scoring costs 10 purifications instead of 1
+    assert EvaluationPlan(images=1, purifier_defenses=1, reverse_steps=1, attack_steps=1, eot=1
+                          ).forwards_per_image() == 11 + 4 * 9
     assert EvaluationPlan().reverse_steps == 15
     assert EvaluationPlan(purifier_defenses=2).forwards_per_image() * 3 == (
         EvaluationPlan().forwards_per_image() * 2)

@@ -39,13 +39,15 @@ class EvaluationPlan:
         default_factory=lambda: int(RECOMMENDED["imagenet30"]["purifier"].num_steps))
     attack_steps: int = 20
     eot: int = 4
+    draws: int = 10  # scoring purifications per example (evaluation.draws)
 
     def forwards_per_image(self) -> int:
-        """ADM forward-equivalents per image: clean, transfer, BPDA+EOT, PGD-EOT per defence."""
-        k, s, e = self.reverse_steps, self.attack_steps, self.eot
-        clean = transfer = k
-        bpda = (s + 1) * e * k + k  # s steps + final loss, each e purifications; then scoring
-        pgd = s * e * GRADIENT_FORWARD_EQUIVALENTS * k + e * k + k
+        """ADM forward-equivalents per image: clean, transfer, BPDA+EOT, PGD-EOT per defence,
+        each example then scored by ``draws`` purifications."""
+        k, s, e, scoring = self.reverse_steps, self.attack_steps, self.eot, self.draws * self.reverse_steps
+        clean = transfer = scoring
+        bpda = (s + 1) * e * k + scoring  # s steps + final loss, each e purifications
+        pgd = s * e * GRADIENT_FORWARD_EQUIVALENTS * k + e * k + scoring
         return self.purifier_defenses * (clean + transfer + bpda + pgd)
 
 
