@@ -237,7 +237,8 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
     draws = config.evaluation.draws
     lines += ["## Accuracy", "",
               f"Every example is classified by R = {draws} purifications whose noise no attacker "
-              "saw (deterministic defences: one), and scored three ways; the worst case is taken "
+              "saw (deterministic defences: one; frozen-noise attacks: the attacker's own fixed "
+              "draw, the threat model they stand for), and scored three ways; the worst case is taken "
               "per sample over the attacks of one threat group, clean included. 95 % intervals "
               f"(Wilson; a normal interval for expected accuracy over several draws) over "
               f"n = {run.samples} samples" + ("; in parentheses the accuracy reported in the paper."
