@@ -36,3 +36,18 @@ def test_curves_pool_batches_by_samples_and_flag_late_falls():
     assert flat.converged
     summary = convergence_summary(traces)
     assert summary["a/pgd"]["converged"] is False and summary["a/pgd"]["final_accuracy"] == pytest.approx(0.5)
+
+
+def test_batched_eot_equals_sequential_draws_on_a_deterministic_model():
+    """EOT draws as one repeated batch: the same loss, gradient and iterate where draws agree."""
+    victim, images = make_tiny_victim(), make_tiny_images(3)
+    labels = torch.tensor([0, 1, 2])
+    runs = {}
+    for batch in (1, 3, 4):
+        trace: list[dict] = []
+        runs[batch] = (pgd(victim, images, labels, PGDConfig(steps=3, eot=4, eot_batch=batch), trace=trace), trace)
+    for batch in (3, 4):
+        assert torch.allclose(runs[batch][0], runs[1][0], atol=1e-6)
+        assert [p["loss"] for p in runs[batch][1]] == pytest.approx([p["loss"] for p in runs[1][1]], rel=1e-5)
+    with pytest.raises(ValueError, match="eot_batch"):
+        PGDConfig(eot_batch=0)

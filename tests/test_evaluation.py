@@ -393,6 +393,18 @@ def test_run_dir_with_another_config_is_refused(assets, reference_run, tmp_path,
     assert (reference_run / "config.yaml").read_text() == stored
 
 
+def test_a_run_from_before_a_new_setting_resumes(assets, config_path, reference_run, tmp_path):
+    """A setting added since (stored config.yaml without it) takes its default: no difference."""
+    run_dir = tmp_path / "older"
+    shutil.copytree(reference_run, run_dir)
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for attack in stored["attacks"]:
+        del attack["eot_batch"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+    run_experiment(load_experiment(config_path), run_dir, show_progress=False)
+    assert "eot_batch" in (run_dir / "config.yaml").read_text()
+
+
 def test_resuming_with_other_resolved_settings_is_refused(assets, config_path, reference_run, tmp_path,
                                                           monkeypatch):
     """config.yaml holds only overrides: a changed default would silently mix two defences."""

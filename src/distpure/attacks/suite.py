@@ -47,6 +47,7 @@ class AttackConfig:
     steps: int | None = None
     step_size: float | None = None
     eot: int | None = None
+    eot_batch: int = 1
     restarts: int = 1
     loss: str = "ce"
     momentum: float = 0.0
@@ -103,7 +104,8 @@ class AttackConfig:
 
     def pgd_config(self, seed: int) -> PGDConfig:
         return PGDConfig(norm=self.norm, eps=self.eps, steps=self.iterations, step_size=self.step_size,
-                         eot=self.eot_draws, loss=self.loss, momentum=self.momentum, seed=seed)
+                         eot=self.eot_draws, loss=self.loss, momentum=self.momentum,
+                         eot_batch=self.eot_batch, seed=seed)
 
 
 def craft(attack: AttackConfig, defense: DefendedClassifier, images: torch.Tensor,

@@ -10,7 +10,7 @@ from importlib import metadata as importlib_metadata
 import yaml
 
 from ..defenses.defended import DefendedClassifier
-from .config import ExperimentConfig
+from .config import ExperimentConfig, load_experiment
 from .rundir import RunDirectory
 
 
@@ -55,17 +55,24 @@ def differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
     return lines
 
 
+def _stored_experiment(files: RunDirectory) -> ExperimentConfig:
+    try:
+        return load_experiment(files.config)
+    except ValueError as error:
+        raise ValueError(f"{files.root} holds an experiment this version cannot read ({error}); "
+                         "finish it with the version that started it, or use another --out directory") from error
+
+
 def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict) -> None:
     """Create the run directory, or check before resuming that it holds this same experiment,
     as written (``config.yaml``) and as resolved (``resolved.json``); a difference is refused,
     named."""
     files.root.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(asdict(config), sort_keys=True)
-    if files.config.is_file() and files.config.read_text() != text:
-        stored = yaml.safe_load(files.config.read_text())
-        changed = "; ".join(differences(stored, yaml.safe_load(text))[:8])
-        raise ValueError(f"{files.root} holds a different experiment (its config.yaml differs: "
-                         f"{changed}); use another --out directory or delete it")
+    if files.config.is_file():  # read through today's dataclasses: a new setting's default is no change
+        changed = "; ".join(differences(asdict(_stored_experiment(files)), asdict(config))[:8])
+        if changed:
+            raise ValueError(f"{files.root} holds a different experiment (its config.yaml differs: "
+                             f"{changed}); use another --out directory or delete it")
     if files.resolved.is_file():
         changed = differences(json.loads(files.resolved.read_text())["settings"], resolved["settings"])
         if changed:
@@ -73,5 +80,5 @@ def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict)
                              f"({'; '.join(changed[:8])}); resuming would mix two defences in one "
                              "results file: finish it with the version that started it, or use "
                              "another --out directory")
-    files.config.write_text(text)
+    files.config.write_text(yaml.safe_dump(asdict(config), sort_keys=True))
     files.resolved.write_text(json.dumps(resolved, indent=2, sort_keys=True))
