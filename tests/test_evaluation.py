@@ -668,16 +668,19 @@ def test_report_plots_the_swept_settings(assets, tmp_path):
                                   {"name": "t20", "purifier": {"t_star": 20, "num_steps": 2}}],
                         attacks=[{"name": "clean", "kind": "clean"},
                                  {"name": "pgd-4", "kind": "pgd", "eps": "4/255", "steps": 1},
-                                 {"name": "pgd-8", "kind": "pgd", "eps": "8/255", "steps": 1}],
+                                 {"name": "pgd-8", "kind": "pgd", "eps": "8/255", "steps": 1},
+                                 {"name": "bpda-eot-1", "kind": "bpda", "steps": 1, "eot": 1},
+                                 {"name": "bpda-eot-2", "kind": "bpda", "steps": 1, "eot": 2}],
                         paper={})
     run_dir = tmp_path / "sweep"
     run_experiment(load_experiment(write_yaml(tmp_path / "sweep.yaml", values)), run_dir,
                    show_progress=False)
     text = write_report(run_dir).read_text()
     plots = sorted(p.name for p in (run_dir / "plots").glob("accuracy_vs_*.png"))
-    assert plots == ["accuracy_vs_eps_pgd_linf.png", "accuracy_vs_t_star.png"]
+    assert plots == ["accuracy_vs_eot_bpda_linf.png", "accuracy_vs_eps_pgd_linf.png", "accuracy_vs_t_star.png"]
+    assert "Accuracy vs EOT: bpda L∞ ε=8/255 (1 step)" in text
     for name in plots:
         assert f"](plots/{name})" in text
         with Image.open(run_dir / "plots" / name) as image:
             assert image.format == "PNG"
-    assert "| defence | clean | pgd-4 | pgd-8 |" in text and "samples: 4" in text
+    assert "| defence | clean | pgd-4 | pgd-8 | bpda-eot-1 | bpda-eot-2 |" in text and "samples: 4" in text

@@ -391,41 +391,51 @@ def _convergence_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
 
 def _accuracy_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
     """Every applicable accuracy plot, as (title, path)."""
-    return [*_epsilon_plots(run, plot_dir), *_purifier_plots(run, plot_dir)]
+    return [*_sweep_plots(run, plot_dir, "eps"), *_sweep_plots(run, plot_dir, "eot"),
+            *_purifier_plots(run, plot_dir)]
 
 
-def _epsilon_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
-    """Accuracy vs ε for each group of attacks identical but for ε (one line per defence)."""
+def _sweep_plots(run: _Run, plot_dir: Path, setting: str) -> list[tuple[str, Path]]:
+    """Accuracy against ``setting`` (``eps`` or ``eot``) for each group of attacks identical but
+    for it and their names (one line per defence): the ε ablation, and the EOT sweep that shows
+    whether an attack's expectation has converged."""
     groups: dict[str, list] = {}
     for attack in run.config.attacks:
         if attack.kind != "clean":
-            key = json.dumps({k: v for k, v in asdict(attack).items() if k not in ("name", "eps")},
+            key = json.dumps({k: v for k, v in asdict(attack).items() if k not in ("name", setting)},
                              sort_keys=True, default=str)
             groups.setdefault(key, []).append(attack)
+    value = (lambda a: a.eps) if setting == "eps" else (lambda a: a.eot_draws)  # noqa: E731
     plots, used = [], set()
     for attacks in groups.values():
-        if len({a.eps for a in attacks}) < 2:
+        if len({value(a) for a in attacks}) < 2:
             continue
-        attacks = sorted(attacks, key=lambda a: a.eps)
+        attacks = sorted(attacks, key=value)
         first = attacks[0]
-        stem = f"accuracy_vs_eps_{first.kind}_{first.norm}"
+        stem = f"accuracy_vs_{setting}_{first.kind}_{first.norm}"
         name, counter = stem, 1
         while name in used:
             counter += 1
             name = f"{stem}_{counter}"
         used.add(name)
-        scale = 255 if first.norm == "linf" else 1
+        scale = 255 if setting == "eps" and first.norm == "linf" else 1
         figure = _new_figure((5.5, 4))
         axes = figure.subplots()
         for defense in run.config.defenses:
             rows = [run.row(defense.name, a.name) for a in attacks]
-            points = [(a.eps * scale, r) for a, r in zip(attacks, rows) if r["total"]]
+            points = [(value(a) * scale, r) for a, r in zip(attacks, rows) if r["total"]]
             if points:
                 _error_bars(axes, [x for x, _ in points], [r for _, r in points], defense.name)
         details = _plural(first.iterations, "step") if first.kind != "autoattack" else first.version
-        details += f", EOT {first.eot_draws}" if first.eot_draws > 1 else ""
-        title = f"Accuracy vs ε: {first.kind} {NORM_LABELS.get(first.norm, first.norm)} ({details})"
-        _finish_axes(axes, "ε (×1/255)" if scale == 255 else "ε", title)
+        if setting == "eps":
+            details += f", EOT {first.eot_draws}" if first.eot_draws > 1 else ""
+            title = f"Accuracy vs ε: {first.kind} {NORM_LABELS.get(first.norm, first.norm)} ({details})"
+            xlabel = "ε (×1/255)" if scale == 255 else "ε"
+        else:
+            eps = _format_eps(first.eps, first.norm)
+            title = f"Accuracy vs EOT: {first.kind} {NORM_LABELS.get(first.norm, first.norm)} ε={eps} ({details})"
+            xlabel = "EOT draws per step"
+        _finish_axes(axes, xlabel, title)
         path = plot_dir / f"{name}.png"
         figure.savefig(path, dpi=120)
         plots.append((title, path))
