@@ -49,7 +49,7 @@ def test_a_valid_experiment_loads_with_its_purifier_settings_resolved(tmp_path: 
 SECTIONS = {"attack": "attacks", "defence": "defenses"}
 BAD_SETTINGS = [
     ("attack", "aa", {"norm": "Linf"}, ["'Linf'", "linf, l2"]),
-    ("attack", "pgd", {"loss": "dlr"}, ["'dlr'", "ce, margin"]),
+    ("attack", "pgd", {"loss": "cw"}, ["'cw'", "ce, margin, dlr"]),
     ("attack", "pgd", {"eps": "8/2x5"}, ["'8/2x5'", "8/255"]),
     ("attack", "pgd", {"steps": "five"}, ["steps", "'five'"]),
     ("attack", "pgd", {"eot": 0}, ["eot=0"]),

@@ -2,7 +2,8 @@
 undefended victim), ``pgd`` (exact gradients through the whole defence, checkpointed per reverse
 step, with EOT), ``bpda`` (the purifier's backward pass is the identity), ``surrogate`` (exact
 gradients through a changed copy of the purifier: fewer steps, another guidance target) and
-``autoattack`` (standard or rand). Adding a kind is a class here, registered by name."""
+``apgd`` (AutoAttack's APGD on the same exact EOT gradient) and ``autoattack`` (standard or
+rand). Adding a kind is a class here, registered by name."""
 from __future__ import annotations
 
 import torch
@@ -10,10 +11,13 @@ from torch import nn
 
 from ..defenses.defended import DefendedClassifier
 from ..seeding import derive_seed
+from .autoattack import NORMS as AUTOATTACK_NORMS
 from .autoattack import run_autoattack
 from .base import ATTACKS, Attack, Crafted
 from .bpda import BPDA
 from .pgd import pgd
+
+APGD_LOSSES = ("ce", "dlr")
 
 
 @ATTACKS.register("clean")
@@ -119,3 +123,27 @@ class AutoAttackEnsemble(DefenceAttack):
                                 restarts=config.restarts, eot_iter=config.eot_draws,
                                 seed=derive_seed(seed, "pgd-start"), attacks_to_run=config.attacks_to_run)
         return Crafted(result.examples, result.broken, frozen, result.warnings)
+
+
+@ATTACKS.register("apgd")
+class APGD(DefenceAttack):
+    """pyautoattack's APGD (its step-size schedule and momentum; CE or DLR loss) on the exact EOT
+    gradient of the defence. Every sample keeps its highest-loss iterate over the restarts,
+    the first of which starts at ``start`` (a warm start) when given: the fresh scoring draws,
+    not one forward of the attacker's, then judge it."""
+
+    def attack(self, model, images, labels, seed, start, frozen) -> Crafted:
+        from pyautoattack.autopgd_base import APGDAttack
+
+        config = self.config
+        apgd = APGDAttack(model, n_iter=config.iterations, norm=AUTOATTACK_NORMS[config.norm], eps=config.eps,
+                          loss=config.loss, eot_iter=config.eot_draws, device=images.device)
+        apgd.init_hyperparam(images)
+        best, best_loss = images.clone(), torch.full((len(images),), float("-inf"), device=images.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "pgd-start"))
+            for restart in range(config.restarts):
+                iterate, _, loss, _ = apgd.attack_single_run(images, labels, start if restart == 0 else None)
+                better = loss > best_loss
+                best[better], best_loss[better] = iterate[better], loss[better]
+        return Crafted(best.detach(), frozen_scorer=frozen)

@@ -17,7 +17,7 @@ from torch import nn
 from ..validation import check_choice, check_labels, check_unit_images
 
 NORMS = ("linf", "l2")
-LOSSES = ("ce", "margin")
+LOSSES = ("ce", "margin", "dlr")
 
 
 @dataclass
@@ -56,15 +56,19 @@ class PGDConfig:
 
 
 def attack_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-sample loss the attacker maximises: cross-entropy, or the CW margin max_{j≠y} z_j - z_y."""
+    """Per-sample loss the attacker maximises: cross-entropy, the CW margin max_{j≠y} z_j - z_y,
+    or Croce & Hein's DLR, the margin divided by z_π1 - z_π3 (invariant to the logits' scale)."""
     check_labels(labels, len(logits), logits.shape[-1])
     check_choice("attack loss", kind, LOSSES)
     logits = logits.float()
     if kind == "ce":
         return F.cross_entropy(logits, labels, reduction="none")
     true = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
-    return others - true
+    margin = logits.scatter(1, labels[:, None], float("-inf")).amax(1) - true
+    if kind == "margin":
+        return margin
+    ranked = logits.sort(dim=1, descending=True).values
+    return margin / (ranked[:, 0] - ranked[:, 2] + 1e-12)
 
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,

@@ -71,6 +71,8 @@ class AttackConfig:
         self.pgd_config(seed=0)  # norm, loss, eps, steps, EOT and momentum: PGDConfig checks them
         if isinstance(self.restarts, bool) or not isinstance(self.restarts, int) or self.restarts < 1:
             raise ValueError(f"restarts must be a whole number of at least 1, got {self.restarts!r}")
+        if self.kind == "apgd":
+            check_choice("apgd loss", self.loss, kinds.APGD_LOSSES)
         check_choice("AutoAttack version", self.version, AUTOATTACK_VERSIONS)
         for name in self.attacks_to_run or []:
             check_choice("AutoAttack attack", name, AUTOATTACK_ATTACKS)
