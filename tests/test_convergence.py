@@ -51,3 +51,45 @@ def test_batched_eot_equals_sequential_draws_on_a_deterministic_model():
         assert [p["loss"] for p in runs[batch][1]] == pytest.approx([p["loss"] for p in runs[1][1]], rel=1e-5)
     with pytest.raises(ValueError, match="eot_batch"):
         PGDConfig(eot_batch=0)
+
+
+def test_keep_best_by_held_out_draws_keeps_fooling_iterates():
+    """Judged by held-out draws, a sample whose loss-selected example fools the judge keeps a
+    fooling example, and the overall accuracy under the judge is no higher."""
+    victim, images = make_tiny_victim(), make_tiny_images(8, seed=5)
+    with torch.no_grad():
+        labels = victim(images).argmax(1)
+    by_loss = pgd(victim, images, labels, PGDConfig(steps=6, eps=12 / 255))
+    judged = pgd(victim, images, labels, PGDConfig(steps=6, eps=12 / 255, holdout_draws=1), judge=victim)
+    with torch.no_grad():
+        fooled_by_loss = victim(by_loss).argmax(1) != labels
+        fooled_judged = victim(judged).argmax(1) != labels
+    assert (fooled_judged | ~fooled_by_loss).all()
+    assert fooled_judged.sum() >= fooled_by_loss.sum()
+    assert torch.equal(pgd(victim, images, labels, PGDConfig(steps=6, eps=12 / 255, holdout_draws=1)), by_loss)
+
+
+class _FooledOnlyAt(torch.nn.Module):
+    """A judge that misclassifies exactly one point per sample (``where``) and nothing else."""
+
+    def __init__(self, where: torch.Tensor, labels: torch.Tensor) -> None:
+        super().__init__()
+        self.where, self.labels = where, labels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        there = (x - self.where).flatten(1).abs().amax(1) < 1e-7
+        predicted = torch.where(there, (self.labels + 1) % 10, self.labels)
+        return torch.nn.functional.one_hot(predicted, 10).float()
+
+
+def test_held_out_judge_overrules_the_attackers_loss():
+    """The attacker's loss prefers the last iterate; the judge is fooled only by the first: the
+    judged selection must return the first (the start), the loss-based one does not."""
+    victim, images = make_tiny_victim(), make_tiny_images(4, seed=6)
+    with torch.no_grad():
+        labels = victim(images).argmax(1)
+    start = pgd(victim, images, labels, PGDConfig(steps=2, eps=8 / 255))
+    config = PGDConfig(steps=3, eps=8 / 255, holdout_draws=2)
+    judged = pgd(victim, images, labels, config, start=start, judge=_FooledOnlyAt(start, labels))
+    assert torch.equal(judged, start)
+    assert not torch.equal(pgd(victim, images, labels, config, start=start), start)

@@ -50,9 +50,20 @@ class DefenceAttack(Attack):
 
     def attack(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
                start: torch.Tensor | None, frozen: DefendedClassifier | None) -> Crafted:
-        """PGD with EOT on ``model`` (the kinds differ in the model they differentiate)."""
+        """PGD with EOT on ``model`` (the kinds differ in the model they differentiate); with
+        ``holdout_draws`` the iterate kept is judged by held-out draws of the defence."""
         config, trace = self.config.pgd_config(derive_seed(seed, "pgd-start")), []
-        return Crafted(pgd(model, images, labels, config, start, trace), frozen_scorer=frozen, trace=trace)
+        judge = self.judge(frozen or defense, seed) if config.holdout_draws else None
+        return Crafted(pgd(model, images, labels, config, start, trace, judge), frozen_scorer=frozen, trace=trace)
+
+    @staticmethod
+    def judge(defense: DefendedClassifier, seed: int) -> DefendedClassifier:
+        """The defence as it scores (whole, not a surrogate), with held-out noise of the
+        attacker's own: it judges which iterate to keep, never the scorer's draws."""
+        purifier = defense.purifier
+        if purifier is None or not getattr(purifier, "stochastic", False):
+            return defense
+        return defense.with_purifier(purifier.variant(seed=derive_seed(seed, "holdout")))
 
     def attacked_model(self, defense: DefendedClassifier, seed: int) -> nn.Module:
         """What the attacker differentiates: the victim alone where nothing is in front of it."""

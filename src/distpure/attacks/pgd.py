@@ -25,7 +25,9 @@ class PGDConfig:
     """``step_size=None`` means 2.5 ε / steps (Madry et al.). ``eot_batch`` EOT draws run as one
     batched forward and backward (the batch repeated), so a step of EOT 8 with ``eot_batch=8``
     is one pass over 8x the images: faster where a batch does not fill the machine, at 8x the
-    activation memory."""
+    activation memory. ``holdout_draws`` > 0 (with a ``judge``) keeps, per sample, the iterate
+    that fools the most of that many held-out draws (then the highest loss), instead of the
+    highest loss on the attacker's own noisy draws."""
 
     norm: Literal["linf", "l2"] = "linf"
     eps: float = 8 / 255
@@ -37,12 +39,14 @@ class PGDConfig:
     keep_best: bool = True
     momentum: float = 0.0
     eot_batch: int = 1
+    holdout_draws: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_choice("norm", self.norm, NORMS)
-        if self.eot_batch < 1:
-            raise ValueError(f"eot_batch must be at least 1, got {self.eot_batch}")
+        if self.eot_batch < 1 or self.holdout_draws < 0:
+            raise ValueError(f"eot_batch must be at least 1 and holdout_draws not negative, got "
+                             f"{self.eot_batch} and {self.holdout_draws}")
         check_choice("attack loss", self.loss, LOSSES)
         if self.eps < 0 or self.steps < 0 or self.eot < 1:
             raise ValueError("eps and steps must be non-negative and eot at least 1, got "
@@ -73,14 +77,15 @@ def attack_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         config: PGDConfig | None = None, start: torch.Tensor | None = None,
-        trace: list[dict] | None = None) -> torch.Tensor:
+        trace: list[dict] | None = None, judge: nn.Module | None = None) -> torch.Tensor:
     """Adversarial examples within the ε-ball of ``images`` (clipped to [0, 1]); images outside
     [0, 1] or labels outside the model's outputs are a ValueError (labels: at the first forward).
 
     ``start`` (e.g. a transfer attack's examples) is the first iterate instead of a random point,
     projected into the ball; warm starts keep a costly adaptive attack from wasting its steps.
     ``trace``, if given, receives per iterate (and for the final one) the attacker's mean loss
-    and its accuracy on its own EOT draws: the convergence curve of the attack."""
+    and its accuracy on its own EOT draws: the convergence curve of the attack. ``judge`` (the
+    defence with noise of its own) picks the best iterate when ``holdout_draws`` is set."""
     check_unit_images(images)
     config = config or PGDConfig()
     generator = torch.Generator().manual_seed(config.seed)
@@ -91,15 +96,22 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     else:
         delta = torch.zeros_like(images)
     best = (images + delta).detach()
-    best_loss = torch.full((len(images),), float("-inf"), device=images.device)
+    best_score = (torch.full((len(images),), -1.0, device=images.device),
+                  torch.full((len(images),), float("-inf"), device=images.device))
     direction = torch.zeros_like(images)
+
+    def keep_if_better(x: torch.Tensor, loss: torch.Tensor) -> None:
+        nonlocal best_score
+        score = (_fooled(judge, x, labels, config.holdout_draws), loss)
+        improved = (score[0] > best_score[0]) | ((score[0] == best_score[0]) & (score[1] > best_score[1]))
+        best[improved] = x[improved]
+        best_score = tuple(torch.where(improved, new, old) for new, old in zip(score, best_score))
+
     for step in range(config.steps):
         loss, gradient, accuracy = _expected_loss_and_gradient(model, images + delta, labels, config)
         _record(trace, step, loss, accuracy)
         if config.keep_best:
-            improved = loss > best_loss
-            best[improved] = (images + delta).detach()[improved]
-            best_loss = torch.where(improved, loss, best_loss)
+            keep_if_better((images + delta).detach(), loss)
         direction = config.momentum * direction + _unit_l1(gradient) if config.momentum else gradient
         delta = _project(delta + config.alpha * _ascent_direction(direction, config.norm), images, config)
     final = (images + delta).detach()
@@ -107,9 +119,18 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         return final
     final_loss, _, accuracy = _expected_loss_and_gradient(model, final, labels, config, need_gradient=False)
     _record(trace, config.steps, final_loss, accuracy)
-    improved = final_loss > best_loss
-    best[improved] = final[improved]
+    keep_if_better(final, final_loss)
     return best
+
+
+@torch.no_grad()
+def _fooled(judge: nn.Module | None, x: torch.Tensor, labels: torch.Tensor, draws: int) -> torch.Tensor:
+    """Per sample, the fraction of ``draws`` judge draws that misclassify ``x`` (zeros without
+    a judge, so that the loss alone decides)."""
+    if judge is None or draws == 0:
+        return torch.zeros(len(x), device=x.device)
+    wrong = sum((judge(x).argmax(1) != labels).float() for _ in range(draws))
+    return wrong / draws
 
 
 def _record(trace: list[dict] | None, step: int, loss: torch.Tensor, accuracy: float) -> None:

@@ -48,6 +48,7 @@ class AttackConfig:
     step_size: float | None = None
     eot: int | None = None
     eot_batch: int = 1
+    holdout_draws: int = 0
     restarts: int = 1
     loss: str = "ce"
     momentum: float = 0.0
@@ -107,7 +108,7 @@ class AttackConfig:
     def pgd_config(self, seed: int) -> PGDConfig:
         return PGDConfig(norm=self.norm, eps=self.eps, steps=self.iterations, step_size=self.step_size,
                          eot=self.eot_draws, loss=self.loss, momentum=self.momentum,
-                         eot_batch=self.eot_batch, seed=seed)
+                         eot_batch=self.eot_batch, holdout_draws=self.holdout_draws, seed=seed)
 
 
 def craft(attack: AttackConfig, defense: DefendedClassifier, images: torch.Tensor,
