@@ -53,3 +53,23 @@ def test_bench_refuses_more_gradient_steps_than_t_star():
     with pytest.raises(ValueError, match="more reverse steps than t"):
         BenchConfig(gradient_steps=(10, 200))
     assert BenchConfig(gradient_steps=(10, 200), gradient_t_star=200).gradient_steps == (10, 200)
+
+
+def test_attack_bench_times_every_gradient_kind_both_ways(require_shared, capsys):
+    """``distpure bench-attack`` at toy sizes: every gradient kind, batched and sequential EOT,
+    ratios consistent with the times, targets derived from them."""
+    require_shared("data/cifar10-jpeg")
+    assert main(["bench-attack", "--json", "--set", "images=1", "eot=2", "repeats=1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["steps"]) == {"exact", "exact-checkpointed", "bpda", "surrogate-soft"}
+    forward = result["purification_forward_seconds"]
+    for step in result["steps"].values():
+        assert step["batched_seconds"] > 0 and step["sequential_seconds"] > 0
+        assert step["batching_speedup"] == pytest.approx(step["sequential_seconds"] / step["batched_seconds"])
+        assert step["step_vs_forward"] == pytest.approx(
+            min(step["batched_seconds"], step["sequential_seconds"]) / forward)
+    exact = result["steps"]["exact"]
+    assert result["targets_met"] == {"eot_batching_at_least_1.5x": exact["batching_speedup"] >= 1.5,
+                                     "exact_step_at_most_3.5x_forward": exact["step_vs_forward"] <= 3.5}
+    # BPDA skips the purifier's backward: its step is cheaper than the exact one's
+    assert result["steps"]["bpda"]["batched_seconds"] < result["steps"]["exact-checkpointed"]["batched_seconds"]

@@ -34,6 +34,10 @@ def test_curves_pool_batches_by_samples_and_flag_late_falls():
     assert not by_owner["a"].converged and not by_owner["b"].converged
     flat = curves([_trace("c", 0, 5, [1.0, 0.5, 0.5, 0.5, 0.5 - TOLERANCE / 2])])[0]
     assert flat.converged
+    # the fall is the fitted line over the last quarter: one noisy last iterate does not decide
+    dip = curves([_trace("d", 0, 5, [1.0] * 12 + [0.5, 0.5, 0.5, 0.5, 0.488])])[0]
+    assert dip.accuracy[12] - dip.accuracy[-1] > TOLERANCE and dip.late_drop == pytest.approx(0.0096)
+    assert dip.converged
     summary = convergence_summary(traces)
     assert summary["a/pgd"]["converged"] is False and summary["a/pgd"]["final_accuracy"] == pytest.approx(0.5)
 

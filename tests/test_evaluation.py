@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from distpure.cli.main import main
 from distpure.config import from_dict
 from distpure.defenses.purifier import PurifierConfig
+from distpure.evaluation.cascade import breaking_record, cascade_sources, skipped_record
 from distpure.evaluation.config import (DefenseConfig, ExperimentConfig, load_experiment)
 from distpure.evaluation.records import RecordWriter, read_records, write_sorted
 from distpure.evaluation.runner import run_experiment
@@ -413,7 +414,8 @@ def test_resuming_with_other_resolved_settings_is_refused(assets, config_path, r
     resolved = json.loads((run_dir / "resolved.json").read_text())
     assert resolved["settings"]["defenses"]["purified"]["purifier"]["t_star"] == 20
     assert resolved["settings"]["defenses"]["purified"]["purifier"]["victim_scale"] == 10.0
-    assert resolved["distpure"] and resolved["settings"]["evaluation"] == {"draws": DRAWS, "headline": "expected"}
+    assert resolved["distpure"] and resolved["settings"]["evaluation"] == {"draws": DRAWS, "headline": "expected",
+                                                                     "cascade": False}
     from distpure.defenses import recommended
 
     changed = dict(recommended.RECOMMENDED["cifar10"], purifier=PurifierConfig(t_star=75, num_steps=10,
@@ -460,6 +462,75 @@ def test_transfer_examples_are_keyed_by_the_model_they_were_crafted_on(assets, t
     adversarial = {name: load_file(str(tmp_path / name / "examples" / "none__transfer.safetensors"))["adversarial"]
                    for name in runs}
     assert torch.equal(adversarial["both"], adversarial["alone"])
+
+
+def test_cascade_sources_are_the_earlier_attacks_of_the_group():
+    """clean and the earlier attacks of the same (norm, ε, noise) group, in config order."""
+    attacks = [AttackConfig("transfer", kind="transfer"), AttackConfig("clean", kind="clean"),
+               AttackConfig("l2", norm="l2", eps=0.5), AttackConfig("bpda", kind="bpda"),
+               AttackConfig("frozen", frozen_noise=True), AttackConfig("pgd")]
+    config = ExperimentConfig(defenses=[DefenseConfig("d", kind="none")], attacks=attacks,
+                              evaluation={"cascade": True})
+    sources = {a.name: [s.name for s in cascade_sources(config, a)] for a in attacks}
+    assert sources == {"transfer": [], "clean": [], "l2": ["clean"], "bpda": ["transfer", "clean"],
+                       "frozen": ["clean"], "pgd": ["transfer", "clean", "bpda"]}
+    config.evaluation.cascade = False
+    assert all(cascade_sources(config, a) == [] for a in attacks)
+
+
+def test_cascade_skips_what_an_earlier_attack_broke_under_the_headline_scoring():
+    """Broken = headline outcome 0: every draw wrong for expected, any draw wrong for worst."""
+    attacks = [AttackConfig("clean", kind="clean"), AttackConfig("transfer", kind="transfer"), AttackConfig("pgd")]
+    records = {(0, "d", "clean"): _drawn(0, "clean", [1, 1]), (1, "d", "clean"): _drawn(1, "clean", [0, 0]),
+               (0, "d", "transfer"): _drawn(0, "transfer", [1, 0]),
+               (2, "d", "clean"): _drawn(2, "clean", [1, 1]), (2, "d", "transfer"): _drawn(2, "transfer", [1, 1])}
+    for headline, expected in (("expected", [None, "clean", None]), ("worst", ["transfer", "clean", None])):
+        config = ExperimentConfig(defenses=[DefenseConfig("d", kind="none")], attacks=attacks,
+                                  evaluation={"cascade": True, "draws": 2, "headline": headline})
+        breaking = [breaking_record(config, "d", attacks[2], i, records) for i in range(3)]
+        assert [None if b is None else b["attack"] for b in breaking] == expected
+    skipped = skipped_record(skipped_record(records[1, "d", "clean"], "transfer"), "pgd")
+    assert skipped["skipped_by"] == "clean" and skipped["attack"] == "pgd" and skipped["predictions"] == [0, 0]
+
+
+def test_a_cascaded_run_attacks_only_unbroken_samples_and_resumes_the_same(assets, tmp_path):
+    """Skipped records copy the breaking attack's draws; the adaptive attack crafts only the
+    rest (its trace counts them); the summary says what was saved; and recrafting after the
+    records of the last attack are lost gives the same records (the cascade reads records)."""
+    values = experiment(assets, evaluation={"draws": DRAWS, "cascade": True})
+    config = load_experiment(write_yaml(tmp_path / "cascade.yaml", values))
+    run_dir = tmp_path / "cascade"
+    summary = run_experiment(config, run_dir, show_progress=False)
+    records = read_records(run_dir / "results.jsonl")
+    assert len(records) == TOTAL_RECORDS
+    by_key = {(r["index"], r["defense"], r["attack"]): r for r in records}
+    skipped = [r for r in records if "skipped_by" in r]
+    assert skipped and all(r["attack"] != "clean" for r in skipped)
+    for record in skipped:
+        origin = by_key[record["index"], record["defense"], record["skipped_by"]]
+        assert "skipped_by" not in origin and record["predictions"] == origin["predictions"]
+        assert all(p != record["label"] for p in origin["predictions"])  # broken in every draw
+    for record in records:  # nothing unbroken by its sources was skipped
+        sources = [by_key[record["index"], record["defense"], a] for a in ("clean", "transfer")[
+            : ["clean", "transfer", "pgd"].index(record["attack"])]]
+        broken_before = any(all(p != s["label"] for p in s["predictions"]) for s in sources)
+        assert ("skipped_by" in record) == broken_before
+    traces = read_records(run_dir / "traces.jsonl")
+    attacked = {d: sum(1 for r in records if r["defense"] == d and r["attack"] == "pgd" and "skipped_by" not in r)
+                for d in ("none", "purified")}
+    assert {d: sum(t["n"] for t in traces if t["owner"] == d and t["attack"] == "pgd") for d in attacked} == attacked
+    assert summary["cascade"]["skipped"] == len(skipped) and 0 < summary["cascade"]["saved_fraction"] < 1
+    assert "cascade: skipped" in format_table(summary)
+    assert "### Cascade" in write_report(run_dir).read_text()
+
+    kept = [r for r in records if r["attack"] != "pgd"]
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    for name in ("config.yaml", "resolved.json"):
+        shutil.copy(run_dir / name, rerun / name)
+    write_sorted(kept, rerun / "results.jsonl")
+    run_experiment(config, rerun, show_progress=False)
+    assert read_records(rerun / "results.jsonl") == records
 
 
 # ----------------------------------------------------------------------------- runs
@@ -599,6 +670,17 @@ def test_report_of_a_finished_run(assets, reference_run, capsys):
     assert f"](plots/{grids[0].name})" in text
     assert not list((reference_run / "plots").glob("accuracy_vs_*.png"))  # nothing is swept
 
+    # the trade-off: clean against worst case, each defence with its denoiser calls per image
+    resolved = json.loads((reference_run / "resolved.json").read_text())
+    assert resolved["cost"] == {"none": {"denoiser_calls": 0}, "purified": {"denoiser_calls": 2}}
+    assert "### Trade-off: clean vs worst-case (expected)" in text
+    worst_rows = {r["defense"]: r for r in summary["rows"] if r["attack"] == "worst-case"}
+    clean_rows = {r["defense"]: r for r in summary["rows"] if r["attack"] == "clean"}
+    for defense, calls in (("none", 0), ("purified", 2)):
+        assert (f"| {defense} | {100 * clean_rows[defense]['accuracy']:.1f} | "
+                f"{100 * worst_rows[defense]['accuracy']:.1f} | {calls} |") in text
+    assert (reference_run / "plots" / "pareto_worst-case.png").is_file()
+
     assert "### Convergence" in text and (reference_run / "plots" / "convergence_pgd.png").is_file()
     assert main(["report", str(reference_run), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -684,3 +766,51 @@ def test_report_plots_the_swept_settings(assets, tmp_path):
         with Image.open(run_dir / "plots" / name) as image:
             assert image.format == "PNG"
     assert "| defence | clean | pgd-4 | pgd-8 | bpda-eot-1 | bpda-eot-2 |" in text and "samples: 4" in text
+
+
+def test_an_attack_limited_to_some_defences_runs_and_counts_only_there():
+    """``defenses`` limits an attack: its other cells are empty and their worst case leaves it out."""
+    config = ExperimentConfig(
+        defenses=[DefenseConfig("a", kind="none"), DefenseConfig("b", kind="none")],
+        attacks=[AttackConfig("clean", kind="clean"), AttackConfig("pgd"),
+                 AttackConfig("only-b", defenses=["b"])])
+    records = [{"index": 0, "defense": d, "attack": a, "correct": True}
+               for d, a in [("a", "clean"), ("a", "pgd"), ("b", "clean"), ("b", "pgd")]]
+    records.append({"index": 0, "defense": "b", "attack": "only-b", "correct": False})
+    rows = {(r["defense"], r["attack"]): r for r in summarize(records, config)["rows"]}
+    assert rows["a", "only-b"]["total"] == 0
+    assert rows["a", "worst-case"]["over"] == ["clean", "pgd"] and rows["a", "worst-case"]["correct"] == 1
+    assert rows["b", "worst-case"]["over"] == ["clean", "pgd", "only-b"] and rows["b", "worst-case"]["correct"] == 0
+    with pytest.raises(ValueError, match="defence"):
+        ExperimentConfig(defenses=[DefenseConfig("a", kind="none")],
+                         attacks=[AttackConfig("pgd", defenses=["typo"])])
+    with pytest.raises(ValueError, match="does not run against a"):
+        ExperimentConfig(defenses=[DefenseConfig("a", kind="none"), DefenseConfig("b", kind="none")],
+                         attacks=[AttackConfig("t", kind="transfer", defenses=["b"]),
+                                  AttackConfig("pgd", start_from="t")])
+
+
+def test_pareto_front_marks_dominated_defences():
+    """A defence is dominated when another is at least as accurate clean and robust at no more
+    cost, and strictly better somewhere; equal points dominate neither."""
+    from distpure.reporting.report import _dominated
+
+    points = [("cheap", 80.0, 40.0, 10), ("costly-worse", 79.0, 40.0, 20), ("robust", 70.0, 60.0, 20),
+              ("twin", 80.0, 40.0, 10)]
+    assert [_dominated(p, points) for p in points] == [False, True, False, False]
+
+
+def test_a_tuning_subset_is_disjoint_from_the_reporting_subset(assets, tmp_path):
+    """``data.start`` skips the reporting run's images of the same seeded order."""
+    from distpure.evaluation.runner import load_experiment_data
+
+    def loaded(**data):
+        values = experiment(assets, data={"dataset": "cifar10", "root": str(assets.data), **data})
+        return load_experiment_data(load_experiment(write_yaml(tmp_path / "data.yaml", values)))
+
+    reporting, tuning, both = loaded(limit=4), loaded(start=4, limit=4), loaded(limit=8)
+    assert not set(reporting.indices.tolist()) & set(tuning.indices.tolist())
+    assert tuning.indices.tolist() == both.indices.tolist()[4:]
+    assert torch.equal(tuning.images, both.images[4:]) and torch.equal(tuning.labels, both.labels[4:])
+    with pytest.raises(ValueError, match="data.start"):
+        loaded(start=-1)

@@ -53,6 +53,13 @@ class LabelledImages:
                               self.indices[index])
 
 
+    def without_first(self, count: int) -> "LabelledImages":
+        """All but the first ``count`` samples (of a seeded order: a subset disjoint from that prefix)."""
+        paths = self.paths[count:] if self.paths else ()
+        return LabelledImages(self.images[count:], self.labels[count:], self.classes, paths,
+                              self.indices[count:])
+
+
 def subset_indices(total: int, n: int | None, seed: int = 0) -> torch.Tensor:
     """The first n of a seeded random permutation of ``range(total)`` (all of it if n is None),
     in that random order: any prefix is a fair sample of the classes, and a smaller n with the

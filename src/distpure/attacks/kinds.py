@@ -15,6 +15,7 @@ from .autoattack import NORMS as AUTOATTACK_NORMS
 from .autoattack import run_autoattack
 from .base import ATTACKS, Attack, Crafted
 from .bpda import BPDA
+from .deviation import DeviatedReconstruction
 from .pgd import pgd
 
 APGD_LOSSES = ("ce", "dlr")
@@ -66,10 +67,12 @@ class DefenceAttack(Attack):
         return defense.with_purifier(purifier.variant(seed=derive_seed(seed, "holdout")))
 
     def attacked_model(self, defense: DefendedClassifier, seed: int) -> nn.Module:
-        """What the attacker differentiates: the victim alone where nothing is in front of it."""
+        """What the attacker differentiates: the victim alone where nothing is in front of it;
+        with ``deviation`` (λ), the defence with DiffAttack's deviated-reconstruction loss."""
         if defense.purifier is None:
             return defense.victim
-        return defense.with_purifier(self.attacked_purifier(defense.purifier, seed))
+        attacked = defense.with_purifier(self.attacked_purifier(defense.purifier, seed))
+        return DeviatedReconstruction(attacked, self.config.deviation) if self.config.deviation else attacked
 
     def attacked_purifier(self, purifier: nn.Module, seed: int, **overrides) -> nn.Module:
         """The purifier as the attacker runs it: checkpointed per reverse step (unless the attack

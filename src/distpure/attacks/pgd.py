@@ -85,7 +85,9 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     projected into the ball; warm starts keep a costly adaptive attack from wasting its steps.
     ``trace``, if given, receives per iterate (and for the final one) the attacker's mean loss
     and its accuracy on its own EOT draws: the convergence curve of the attack. ``judge`` (the
-    defence with noise of its own) picks the best iterate when ``holdout_draws`` is set."""
+    defence with noise of its own) picks the best iterate when ``holdout_draws`` is set. A model
+    that sets a per-row ``auxiliary_loss`` in its forward (``deviation.DeviatedReconstruction``)
+    has it added to the loss maximised."""
     check_unit_images(images)
     config = config or PGDConfig()
     generator = torch.Generator().manual_seed(config.seed)
@@ -108,7 +110,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         best_score = tuple(torch.where(improved, new, old) for new, old in zip(score, best_score))
 
     for step in range(config.steps):
-        loss, gradient, accuracy = _expected_loss_and_gradient(model, images + delta, labels, config)
+        loss, gradient, accuracy = eot_loss_and_gradient(model, images + delta, labels, config)
         _record(trace, step, loss, accuracy)
         if config.keep_best:
             keep_if_better((images + delta).detach(), loss)
@@ -117,7 +119,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     final = (images + delta).detach()
     if not config.keep_best or config.steps == 0:
         return final
-    final_loss, _, accuracy = _expected_loss_and_gradient(model, final, labels, config, need_gradient=False)
+    final_loss, _, accuracy = eot_loss_and_gradient(model, final, labels, config, need_gradient=False)
     _record(trace, config.steps, final_loss, accuracy)
     keep_if_better(final, final_loss)
     return best
@@ -138,7 +140,8 @@ def _record(trace: list[dict] | None, step: int, loss: torch.Tensor, accuracy: f
         trace.append({"step": step, "loss": float(loss.mean()), "accuracy": accuracy})
 
 
-def _expected_loss_and_gradient(model, x, labels, config, need_gradient=True):
+def eot_loss_and_gradient(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, config: PGDConfig,
+                          need_gradient: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Mean loss and mean input gradient over ``eot`` stochastic forward passes, and the
     fraction of (sample, draw) pairs the model still classifies right. Draws run ``eot_batch``
     at a time as one batch of repeated images (each row draws its own noise; the gradient with
@@ -152,6 +155,9 @@ def _expected_loss_and_gradient(model, x, labels, config, need_gradient=True):
         with torch.set_grad_enabled(need_gradient):
             logits = model(x.repeat(copies, *[1] * (x.ndim - 1)))
             loss = attack_loss(logits, labels.repeat(copies), config.loss)
+            auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. DiffAttack's deviation
+            if auxiliary is not None:
+                loss = loss + auxiliary
         right += int((logits.detach().argmax(1) == labels.repeat(copies)).sum())
         if need_gradient:
             total_gradient += torch.autograd.grad(loss.sum(), x)[0]

@@ -38,7 +38,10 @@ class AttackConfig:
     """One attack of an experiment; ``eps`` accepts fractions such as ``"8/255"``. ``surrogate``
     holds the purifier settings a ``surrogate`` attack's copy changes: fewer steps, ``target:
     soft`` (another forward pass), or ``target: straight-through`` (the defence's own forward pass,
-    with the soft target's derivative of the guidance)."""
+    with the soft target's derivative of the guidance). ``deviation`` > 0 adds DiffAttack's
+    deviated-reconstruction loss with that weight λ (1.0 in the paper) to PGD's loss.
+    ``defenses`` limits the attack to the defences named (e.g. a soft-target surrogate to the
+    victim-guided ones, where it differs from exact PGD)."""
 
     name: str
     kind: str = "pgd"
@@ -51,6 +54,7 @@ class AttackConfig:
     holdout_draws: int = 0
     restarts: int = 1
     loss: str = "ce"
+    deviation: float = 0.0
     momentum: float = 0.0
     frozen_noise: bool = False
     checkpoint: bool = True
@@ -58,6 +62,7 @@ class AttackConfig:
     version: str = "standard"
     attacks_to_run: list[str] | None = None
     start_from: str | None = None
+    defenses: list[str] | None = None
 
     def __post_init__(self) -> None:
         """Every setting checked when the experiment is read, naming the bad value and the
@@ -74,6 +79,11 @@ class AttackConfig:
             raise ValueError(f"restarts must be a whole number of at least 1, got {self.restarts!r}")
         if self.kind == "apgd":
             check_choice("apgd loss", self.loss, kinds.APGD_LOSSES)
+        if isinstance(self.deviation, bool) or not isinstance(self.deviation, (int, float)) or self.deviation < 0:
+            raise ValueError(f"deviation (DiffAttack's λ) must be a number of at least 0, got {self.deviation!r}")
+        if self.deviation and self.kind not in ("pgd", "surrogate"):
+            raise ValueError(f"deviation (DiffAttack's loss) needs exact gradients through the reverse "
+                             f"steps: kind 'pgd' or 'surrogate', not {self.kind!r}")
         check_choice("AutoAttack version", self.version, AUTOATTACK_VERSIONS)
         for name in self.attacks_to_run or []:
             check_choice("AutoAttack attack", name, AUTOATTACK_ATTACKS)
@@ -88,6 +98,10 @@ class AttackConfig:
             from_dict(PurifierConfig, self.surrogate)
         except ValueError as error:
             raise ValueError(f"surrogate settings: {error}") from error
+
+    def applies_to(self, defense: str) -> bool:
+        """Whether this attack runs against ``defense`` (``defenses`` names them; None: all)."""
+        return self.defenses is None or defense in self.defenses
 
     @property
     def iterations(self) -> int:

@@ -223,6 +223,23 @@ def _bench_adm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_attack_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+    _overrides_argument(parser)
+
+
+@command("bench-attack", "one PGD-EOT step per gradient kind, EOT batched vs one draw at a time, "
+         "against a purification forward", _bench_attack_arguments)
+def _bench_attack(args: argparse.Namespace) -> int:
+    import json
+
+    from ..benchmarks.attack_cost import AttackBenchConfig, format_attack_benchmark, run_attack_benchmark
+
+    result = run_attack_benchmark(from_dict(AttackBenchConfig, parse_overrides(args.set)))
+    print(json.dumps(result, indent=2) if args.json else format_attack_benchmark(result))
+    return 0
+
+
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     _overrides_argument(parser)

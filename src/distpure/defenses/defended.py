@@ -25,6 +25,13 @@ class DefendedClassifier(nn.Module):
         """Whether its predictions are random (a purifier or preprocessing with fresh noise)."""
         return bool(getattr(self.purifier, "stochastic", False))
 
+    @property
+    def denoiser_calls(self) -> int:
+        """Denoiser (UNet) forward passes per image of one classification: the purifier's
+        reverse steps times the votes (0 without a diffusion purifier). The cost of a defence
+        at inference, as the Pareto report compares defences."""
+        return len(getattr(self.purifier, "timesteps", ())) * self.votes
+
     def with_purifier(self, purifier: nn.Module | None) -> "DefendedClassifier":
         """The same victim and votes behind another purifier (e.g. the attacker's variant):
         attacker and scorer attack and score the same defence."""

@@ -7,6 +7,7 @@ processes fit in memory.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Iterator
@@ -85,6 +86,14 @@ class PurificationNoise:
     targets: torch.Tensor
 
 
+@dataclass
+class ReverseState:
+    """The sample after one reverse step (in [-1, 1]) and the ᾱ of the time it reached."""
+
+    x: torch.Tensor
+    alpha_bar: torch.Tensor
+
+
 class Purifier(nn.Module):
     """Maps images in [0, 1] to purified images in [0, 1] (N x C x H x W)."""
 
@@ -110,6 +119,7 @@ class Purifier(nn.Module):
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._variants = 0
         self._samples: tuple[torch.Tensor, list[int]] | None = None
+        self._trajectories: list[list[ReverseState]] | None = None
 
     @property
     def stochastic(self) -> bool:
@@ -150,20 +160,37 @@ class Purifier(nn.Module):
         """Restart the noise stream: purifications after this are reproducible from ``seed``."""
         self._generator.manual_seed(seed)
 
+    @contextmanager
+    def trajectories(self) -> Iterator[list[list[ReverseState]]]:
+        """Record, for every call made inside, the state after each reverse step (all rows of
+        the call): the intermediate states an attacker's loss may use (DiffAttack)."""
+        self._trajectories = recorded = []
+        try:
+            yield recorded
+        finally:
+            self._trajectories = None
+
     def forward(self, images: torch.Tensor, noise: PurificationNoise | None = None) -> torch.Tensor:
         """Purify ``images`` in chunks of ``batch_size``; ``noise`` fixes the randomness if given.
         Any float dtype is accepted; the work and the output are in the diffusion model's dtype."""
         _check_images(images, self.diffusion)
         images = images.to(next(self.diffusion.parameters()).dtype)
         if noise is not None:
-            return self._purify(images, noise)
-        if self.config.frozen_noise:
+            chunks = [(images, noise)]
+        elif self.config.frozen_noise:
             keys = self._sample_keys(images)
-            return torch.cat([self._purify(chunk, self._frozen_noise(chunk.shape, keys[start:]))
-                              for start, chunk in zip(range(0, len(images), self.config.batch_size),
-                                                      images.split(self.config.batch_size))])
-        return torch.cat([self._purify(chunk, self.draw_noise(chunk.shape, self._generator))
-                          for chunk in images.split(self.config.batch_size)])
+            chunks = [(chunk, self._frozen_noise(chunk.shape, keys[start:]))
+                      for start, chunk in zip(range(0, len(images), self.config.batch_size),
+                                              images.split(self.config.batch_size))]
+        else:
+            chunks = [(chunk, self.draw_noise(chunk.shape, self._generator))
+                      for chunk in images.split(self.config.batch_size)]
+        states: list[list[ReverseState]] = []
+        purified = torch.cat([self._purify(chunk, chunk_noise, states) for chunk, chunk_noise in chunks])
+        if self._trajectories is not None:
+            self._trajectories.append([ReverseState(torch.cat([s.x for s in step]), step[0].alpha_bar)
+                                       for step in zip(*states)])
+        return purified
 
     def _sample_keys(self, images: torch.Tensor) -> list[int]:
         """Which sample each row is: its bound key (nearest original in L∞) or its position."""
@@ -191,14 +218,18 @@ class Purifier(nn.Module):
         return PurificationNoise(draw(*shape), draw(steps, *shape),
                                  draw(steps, *shape) if has_targets else torch.zeros(steps, 1, 1, 1, 1))
 
-    def _purify(self, images: torch.Tensor, noise: PurificationNoise) -> torch.Tensor:
+    def _purify(self, images: torch.Tensor, noise: PurificationNoise,
+                states: list[list[ReverseState]] | None = None) -> torch.Tensor:
+        """One chunk's purification; while trajectories are recorded, its reverse states are
+        appended to ``states``."""
         device = images.device
         x_input = images * 2.0 - 1.0
         alphas_cumprod = self.diffusion.alphas_cumprod.to(device)
         # DiffPure diffuses its SDE's start with the ᾱ of t* discrete steps, ᾱ[t* - 1]
         start = self.t_star - 1 if self.sde is not None else self.t_star
         x = forward_diffuse(x_input, alphas_cumprod[start], noise.forward.to(device))
-        for index, step in enumerate(self._steps(alphas_cumprod)):
+        recorded = [] if self._trajectories is not None and states is not None else None
+        for index, (step, reached) in enumerate(zip(self._steps(alphas_cumprod), self._reached(alphas_cumprod))):
             progress = index / max(1, len(self.timesteps) - 1)
             step = partial(step, step_noise=noise.steps[index].to(device),
                            target_noise=noise.targets[index].to(device), progress=progress)
@@ -206,16 +237,30 @@ class Purifier(nn.Module):
                 x = recomputed_in_backward(step, x, x_input)
             else:
                 x = step(x, x_input)
+            if recorded is not None:
+                recorded.append(ReverseState(x, reached))
+        if recorded is not None:
+            states.append(recorded)
         return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def _reached(self, alphas_cumprod: torch.Tensor) -> list[torch.Tensor]:
+        """The ᾱ at the end of each reverse step (1 for the step that lands on the image)."""
+        if self.sde is not None:
+            return [torch.tensor(self.sde.alpha_bar(end), dtype=torch.float64, device=alphas_cumprod.device)
+                    for _, end in self._spans()]
+        return [step_coefficients(alphas_cumprod, t, end).alpha_bar_prev for t, end in self._spans()]
 
     def _steps(self, alphas_cumprod: torch.Tensor) -> Iterator[Callable[..., torch.Tensor]]:
         """The reverse steps in order, each waiting for (x_t, x_input, noises, progress)."""
         if self.sde is not None:
-            ends = [*self.timesteps[1:], T_END]
-            return (partial(self._sde_step, t=t, dt=t - end) for t, end in zip(self.timesteps, ends))
-        ends = [*self.timesteps[1:], -1]
+            return (partial(self._sde_step, t=t, dt=t - end) for t, end in self._spans())
         return (partial(self._reverse_step, t=t, c=step_coefficients(alphas_cumprod, t, t_prev))
-                for t, t_prev in zip(self.timesteps, ends))
+                for t, t_prev in self._spans())
+
+    def _spans(self) -> list[tuple]:
+        """Each reverse step's (start, end): integer steps, the last ending at -1 (the image),
+        or times of the SDE, the last ending at its ``T_END``."""
+        return list(zip(self.timesteps, [*self.timesteps[1:], T_END if self.sde is not None else -1]))
 
     def _reverse_step(self, x_t: torch.Tensor, x_input: torch.Tensor, step_noise: torch.Tensor,
                       target_noise: torch.Tensor, t: int, c: StepCoefficients,

@@ -22,15 +22,21 @@ DEFENSE_KINDS = ("none", "purifier", "preprocessing", "classifier")
 
 @dataclass
 class DataConfig:
-    """``root=None`` means the default data folder (``$DISTPURE_DATA`` or ``../shared/data``)."""
+    """``root=None`` means the default data folder (``$DISTPURE_DATA`` or ``../shared/data``).
+    The images are the first ``limit`` of the split in a seeded random order, after skipping
+    ``start`` of them: ``start: 512`` gives a tuning subset disjoint from a reporting run's
+    ``limit: 512`` (same seed)."""
 
     dataset: str = "cifar10"
     root: str | None = None
     split: str = "test"
     limit: int | None = 256
     seed: int = 0
+    start: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
+            raise ValueError(f"data.start must be a whole number of at least 0, got {self.start!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
             raise ValueError(f"data.limit must be a whole number of at least 1 (or null for all), "
                              f"got {self.limit!r}")
@@ -90,14 +96,18 @@ class DefenseConfig:
 class EvaluationConfig:
     """How examples are scored (see ``protocol``): ``draws`` (R) independent purifications per
     example whose noise no attacker saw, and the ``headline`` scoring that tables and plots lead
-    with (expected, worst or majority; all three are always reported)."""
+    with (expected, worst or majority; all three are always reported). With ``cascade`` each
+    attack of a threat group attacks only the samples no earlier one broke (see ``cascade``)."""
 
     draws: int = 10
     headline: str = "expected"
+    cascade: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.draws, bool) or not isinstance(self.draws, int) or self.draws < 1:
             raise ValueError(f"evaluation.draws must be a whole number of at least 1, got {self.draws!r}")
+        if not isinstance(self.cascade, bool):
+            raise ValueError(f"evaluation.cascade must be true or false, got {self.cascade!r}")
         if self.headline not in SCORINGS:
             raise ValueError(f"evaluation.headline must be one of {', '.join(SCORINGS)}, "
                              f"got {self.headline!r}")
@@ -138,9 +148,12 @@ class ExperimentConfig:
                 raise ValueError(f"{kind} names must be unique, got {names}")
         if not self.defenses or not self.attacks:
             raise ValueError("an experiment needs at least one defence and one attack")
+        defense_names = [d.name for d in self.defenses]
         for index, attack in enumerate(self.attacks):
+            for name in attack.defenses or []:
+                check_choice(f"attack {attack.name!r}: defence", name, defense_names)
             if attack.start_from is not None:
-                _check_start(attack, {a.name: a for a in self.attacks[:index]})
+                _check_start(attack, {a.name: a for a in self.attacks[:index]}, defense_names)
 
     def purifier_config(self, defense: DefenseConfig) -> PurifierConfig:
         """The purifier settings a ``purifier`` defence runs with: the dataset's recommended
@@ -172,8 +185,9 @@ def _naming(where: str) -> Iterator[None]:
         raise ValueError(f"{where}: {message}") from error
 
 
-def _check_start(attack: AttackConfig, earlier: dict[str, AttackConfig]) -> None:
-    """A warm start must come from an attack listed before, under the same threat model."""
+def _check_start(attack: AttackConfig, earlier: dict[str, AttackConfig], defenses: list[str]) -> None:
+    """A warm start must come from an attack listed before, under the same threat model, that
+    runs against every defence this one does."""
     start = earlier.get(attack.start_from)
     if start is None:
         raise ValueError(f"attack {attack.name!r}: start_from {attack.start_from!r} must name an "
@@ -181,6 +195,10 @@ def _check_start(attack: AttackConfig, earlier: dict[str, AttackConfig]) -> None
     if (start.norm, start.eps) != (attack.norm, attack.eps):
         raise ValueError(f"attack {attack.name!r}: start_from {attack.start_from!r} has another "
                          "threat model (norm and eps must match)")
+    missing = [d for d in defenses if attack.applies_to(d) and not start.applies_to(d)]
+    if missing:
+        raise ValueError(f"attack {attack.name!r}: start_from {attack.start_from!r} does not run "
+                         f"against {', '.join(missing)}")
 
 
 def load_experiment(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:

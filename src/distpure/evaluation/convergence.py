@@ -22,11 +22,17 @@ class Curve:
 
     @property
     def late_drop(self) -> float:
-        """How much accuracy fell over the last quarter of the iterations."""
-        if len(self.accuracy) < 2:
+        """How much accuracy fell over the last quarter of the iterations: the least-squares
+        line through its points, from its first to its last iteration (less at the mercy of
+        one noisy iteration than the difference of two points)."""
+        first = (3 * (len(self.accuracy) - 1)) // 4
+        xs, ys = self.steps[first:], self.accuracy[first:]
+        if len(xs) < 2:
             return 0.0
-        start = self.accuracy[(3 * (len(self.accuracy) - 1)) // 4]
-        return start - self.accuracy[-1]
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+                 / sum((x - mean_x) ** 2 for x in xs))
+        return -slope * (xs[-1] - xs[0])
 
     @property
     def converged(self) -> bool:

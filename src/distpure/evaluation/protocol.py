@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attacks.suite import AttackConfig
 from ..defenses.defended import DefendedClassifier
 from ..seeding import derive_seed
 from .stats import Accuracy, accuracy, mean_interval
@@ -38,6 +39,12 @@ class Outcome:
 
     def by(self, scoring: str) -> float:
         return float(getattr(self, scoring))
+
+
+def threat_group(attack: AttackConfig) -> tuple[str, float, bool]:
+    """(norm, ε, frozen noise): the attacks of one group threaten the same samples under one
+    threat model, so a sample is robust only if it survives all of them (and is right clean)."""
+    return attack.norm, round(attack.eps, 8), attack.frozen_noise
 
 
 def scorers(defense: DefendedClassifier, draws: int, seed: int, frozen: DefendedClassifier | None = None

@@ -24,9 +24,9 @@ def package_version() -> str:
 def resolved_settings(config: ExperimentConfig, defenses: dict[str, DefendedClassifier]) -> dict:
     """The full settings of every defence as built (purifier settings after the recommended
     defaults and the config's overrides), the attacks' defaulted iterations and EOT, and the
-    scoring, with the package version that
-    resolved them (recorded, not compared: a new version that resolves the same settings may
-    resume a run)."""
+    scoring, with the package version that resolved them and each defence's cost (denoiser
+    calls per image); the version and the cost are recorded, not compared (a new version that
+    resolves the same settings may resume a run)."""
     settings = {}
     for spec in config.defenses:
         defense = defenses[spec.name]
@@ -38,7 +38,8 @@ def resolved_settings(config: ExperimentConfig, defenses: dict[str, DefendedClas
             "preprocessing": spec.preprocessing or None,
             "classifier": spec.classifier if spec.kind == "classifier" else config.models.victim}
     attacks = {a.name: {"iterations": a.iterations, "eot_draws": a.eot_draws} for a in config.attacks}
-    return {"distpure": package_version(), "settings": {
+    cost = {spec.name: {"denoiser_calls": defenses[spec.name].denoiser_calls} for spec in config.defenses}
+    return {"distpure": package_version(), "cost": cost, "settings": {
         "defenses": settings, "attacks": attacks, "evaluation": asdict(config.evaluation),
         "diffusion": config.models.diffusion}}
 

@@ -27,8 +27,9 @@ from .config import DefenseConfig, ExperimentConfig
 from .distributed import Shard, current_shard, finish, shard_device
 from .metadata import RunClock, environment
 from ..seeding import derive_seed
+from .cascade import breaking_record, skipped_record
 from .protocol import predict_draws, scorers
-from .records import RecordWriter, check_dataset_indices, record_key, write_sorted
+from .records import Key, RecordWriter, check_dataset_indices, record_key, write_sorted
 from .resolved import claim_run_dir, resolved_settings
 from .rundir import RunDirectory
 from .summary import summarize
@@ -54,22 +55,23 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
     clock = RunClock(files.metadata)
     existing = files.records()
     check_dataset_indices(existing, data.indices.tolist())
-    done = {record_key(r) for r in existing}
+    written = {record_key(r): r for r in existing}
     batches = list(enumerate(range(0, len(data), config.batch_size)))
     work = [(b, start) for b, start in batches if shard.owns(b)]
     writer_path = files.results if shard.world_size == 1 else files.shard_results(shard.rank)
-    pairs = [(d, a) for d in config.defenses for a in config.attacks]
+    pairs = [(d, a) for d in config.defenses for a in config.attacks if a.applies_to(d.name)]
     with RecordWriter(writer_path) as writer, tqdm(total=len(work) * len(pairs), disable=not show_progress,
                                                    desc=config.name, dynamic_ncols=True) as progress:
         for batch_index, start in work:
-            indices = list(range(start, min(start + config.batch_size, len(data))))
+            batch = _Batch(config, data, list(range(start, min(start + config.batch_size, len(data)))),
+                           batch_index, device, files, written)
             crafted: dict[tuple[str, str], Crafted] = {}
             for defense_config, attack in pairs:
-                keys = [(i, defense_config.name, attack.name) for i in indices]
-                if not all(key in done for key in keys):
-                    batch = _Batch(config, data, indices, batch_index, device, files)
-                    writer.write(_evaluate_batch(batch, defenses[defense_config.name], defense_config,
-                                                 attack, crafted))
+                if not all((i, defense_config.name, attack.name) in written for i in batch.indices):
+                    records = _evaluate_batch(batch, defenses[defense_config.name], defense_config,
+                                              attack, crafted)
+                    writer.write(records)
+                    written.update((record_key(r), r) for r in records)
                 progress.update(1)
             if shard.is_main:
                 clock.save()
@@ -80,11 +82,13 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
 
 
 def load_experiment_data(config: ExperimentConfig) -> LabelledImages:
-    """The evaluation images: a seeded subset of ``limit`` samples of the configured dataset, in
-    seeded random order (so the records of a run stopped early are a fair sample)."""
+    """The evaluation images: ``limit`` samples of the configured dataset after the first
+    ``start``, in seeded random order (so the records of a run stopped early are a fair sample)."""
     data_config = config.data
     root = data_config.root or default_data_root() / DEFAULT_DATA_FOLDERS.get(data_config.dataset, "")
-    return load_dataset(data_config.dataset, root, data_config.split, data_config.limit, data_config.seed)
+    count = None if data_config.limit is None else data_config.start + data_config.limit
+    data = load_dataset(data_config.dataset, root, data_config.split, count, data_config.seed)
+    return data.without_first(data_config.start) if data_config.start else data
 
 
 def check_compatible(config: ExperimentConfig, data: LabelledImages,
@@ -135,7 +139,8 @@ def _build_defense(spec: DefenseConfig, config: ExperimentConfig, victim, diffus
 
 @dataclass
 class _Batch:
-    """One batch of the evaluation: where its images are and what the run is."""
+    """One batch of the evaluation: where its images are, what the run is, and the records
+    written so far (the cascade reads earlier attacks' records)."""
 
     config: ExperimentConfig
     data: LabelledImages
@@ -143,6 +148,7 @@ class _Batch:
     number: int
     device: torch.device
     files: RunDirectory
+    written: dict[Key, dict]
 
     @property
     def images(self) -> torch.Tensor:
@@ -156,50 +162,86 @@ class _Batch:
     def dataset_indices(self) -> list[int]:
         return [int(self.data.indices[i]) for i in self.indices]
 
+    def breaking_records(self, spec: DefenseConfig, attack: AttackConfig) -> list[dict | None]:
+        """Per sample, the record of the earlier attack that broke it (the cascade skips it),
+        or None where ``attack`` must attack it."""
+        return [breaking_record(self.config, spec.name, attack, i, self.written) for i in self.indices]
+
 
 def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
                     attack: AttackConfig, crafted: dict[tuple[str, str], Crafted]) -> list[dict]:
     """Attack one batch, then classify every example with the experiment's R scoring draws
-    (or the attacker's frozen draw), one record per sample."""
+    (or the attacker's frozen draw), one record per sample; samples an earlier attack of the
+    cascade broke are recorded as its, unattacked and unscored."""
     config, labels = batch.config, batch.labels
+    breaking = batch.breaking_records(spec, attack)
+    attacked = [p for p, record in enumerate(breaking) if record is None]
     result = _adversarial_examples(batch, defense, spec, attack, crafted)
-    seed = derive_seed(config.seed, spec.name, attack.name, batch.number)
-    models = scorers(defense, config.evaluation.draws, seed, result.frozen_scorer)
-    predictions = predict_draws(models, result.examples)
     if result.warnings:
         _append_warnings(batch.files, spec.name, attack.name, batch.number, result.warnings)
-    if batch.number == 0:
-        _save_examples(batch.files, spec.name, attack.name, batch.images, result.examples, models[0])
+    seed = derive_seed(config.seed, spec.name, attack.name, batch.number)
+    examples = result.examples[attacked]
+    predictions = predict_draws(scorers(defense, config.evaluation.draws, seed, result.frozen_scorer),
+                                examples) if attacked else []
+    if batch.number == 0 and attacked:
+        first_draw = scorers(defense, 1, seed, result.frozen_scorer)[0]  # replays the scored draw 0
+        _save_examples(batch.files, spec.name, attack.name, batch.images[attacked], examples, first_draw)
     broken = result.broken.tolist() if result.broken is not None else [False] * len(labels)
-    return [{"index": i, "dataset_index": key, "defense": spec.name, "attack": attack.name,
-             "label": int(y), "predictions": draws, **({"verdict": "broken"} if lost else {})}
-            for i, key, y, draws, lost in zip(batch.indices, batch.dataset_indices, labels.tolist(),
-                                              predictions, broken)]
+    scored = iter(predictions)
+    records = []
+    for p, (i, key, y) in enumerate(zip(batch.indices, batch.dataset_indices, labels.tolist())):
+        if breaking[p] is not None:
+            records.append(skipped_record(breaking[p], attack.name))
+            continue
+        records.append({"index": i, "dataset_index": key, "defense": spec.name, "attack": attack.name,
+                        "label": int(y), "predictions": next(scored),
+                        **({"verdict": "broken"} if broken[p] else {})})
+    return records
 
 
 def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
                           attack: AttackConfig, crafted: dict[tuple[str, str], Crafted]) -> Crafted:
-    """One batch's examples for ``attack``, crafted once per batch and reused as a warm start,
-    and, for transfer attacks, across every defence whose examples come from the same model
-    (the key names that model). Seeds depend only on names and the batch, so recrafting after a
-    resume gives the same examples."""
+    """One batch's examples for ``attack`` (the start, or the clean image, where the cascade
+    skipped a sample), crafted once per batch and reused as a warm start, and, for transfer
+    attacks, across every defence whose examples come from the same model (the key names that
+    model; transfer examples are crafted for every sample). Seeds depend only on names and the
+    batch, and the cascade only on records, so recrafting after a resume gives the same examples."""
     config = batch.config
-    owner = f"victim={_victim_name(spec, config)}" if attack.kind == "transfer" else spec.name
+    shared = attack.kind == "transfer"
+    owner = f"victim={_victim_name(spec, config)}" if shared else spec.name
     if (owner, attack.name) not in crafted:
         start = None
         if attack.start_from is not None:
             source = next(a for a in config.attacks if a.name == attack.start_from)
             start = _adversarial_examples(batch, defense, spec, source, crafted).examples
-        seed = derive_seed(config.seed, owner, attack.name, batch.number)
-        frozen_seed = derive_seed(config.seed, spec.name, "frozen-noise")  # one draw per defence
-        result = craft(attack, defense, batch.images, batch.labels, seed, start, batch.dataset_indices,
-                       frozen_seed)
-        result.examples = result.examples.detach()
+        rows = [p for p, record in enumerate(batch.breaking_records(spec, attack)) if shared or record is None]
+        result = _craft_rows(batch, defense, spec, attack, owner, start, rows)
         if result.trace:
             _append_jsonl(batch.files.traces, {"owner": owner, "attack": attack.name, "batch": batch.number,
-                                               "n": len(batch.indices), "trace": result.trace})
+                                               "n": len(rows), "trace": result.trace})
         crafted[owner, attack.name] = result
     return crafted[owner, attack.name]
+
+
+def _craft_rows(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig, attack: AttackConfig,
+                owner: str, start: torch.Tensor | None, rows: list[int]) -> Crafted:
+    """``attack`` crafted on the batch's ``rows`` only, its examples and verdict spread back over
+    the whole batch (other rows keep ``start`` or the clean image, and no verdict)."""
+    config, images = batch.config, batch.images
+    examples = (start if start is not None else images).clone()
+    if not rows:
+        return Crafted(examples)
+    seed = derive_seed(config.seed, owner, attack.name, batch.number)
+    frozen_seed = derive_seed(config.seed, spec.name, "frozen-noise")  # one draw per defence
+    keys = [batch.dataset_indices[p] for p in rows]
+    result = craft(attack, defense, images[rows], batch.labels[rows], seed,
+                   start[rows] if start is not None else None, keys, frozen_seed)
+    examples[rows] = result.examples.detach().to(examples)
+    broken = None
+    if result.broken is not None:
+        broken = torch.zeros(len(images), dtype=torch.bool, device=result.broken.device)
+        broken[rows] = result.broken
+    return Crafted(examples, broken, result.frozen_scorer, result.warnings, result.trace)
 
 
 def _victim_name(spec: DefenseConfig, config: ExperimentConfig) -> str:
@@ -226,10 +268,11 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _save_examples(files: RunDirectory, defense: str, attack: str, images, adversarial, scorer) -> None:
-    """A few clean / adversarial / purified images for the report's grid."""
-    clean, adv = images[:EXAMPLES_PER_PAIR], adversarial[:EXAMPLES_PER_PAIR]
+    """A few clean / adversarial / purified images for the report's grid; ``scorer`` is a fresh
+    copy of the first scoring draw, so its purification of the scored examples is that draw's."""
     with torch.no_grad():
-        purified = scorer.purifier(adv) if scorer.purifier is not None else adv
+        purified = scorer.purifier(adversarial) if scorer.purifier is not None else adversarial
+    clean, adv, purified = (x[:EXAMPLES_PER_PAIR] for x in (images, adversarial, purified))
     save_tensors({"clean": clean, "adversarial": adv, "purified": purified},
                  files.example_file(defense, attack))
 

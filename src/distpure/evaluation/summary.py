@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..attacks.suite import AttackConfig
 from .config import DefenseConfig, ExperimentConfig
-from .protocol import SCORINGS, Outcome, draw_count, outcome, scored_accuracy, worst_outcome
+from .cascade import cascade_savings
+from .protocol import SCORINGS, Outcome, draw_count, outcome, scored_accuracy, threat_group, worst_outcome
 
 SCORING_LABELS = {"expected": "expected", "worst": "worst-of-R", "majority": "majority-of-R"}
 
@@ -14,10 +15,12 @@ def summarize(records: list[dict], config: ExperimentConfig) -> dict:
     per defence the worst case over the attacks of each threat group (see ``worst_cases``)."""
     outcomes: dict[tuple[str, str], dict[int, Outcome]] = {}
     draws: dict[tuple[str, str], int] = {}
+    skipped: dict[tuple[str, str], int] = {}
     for record in records:
         pair = (record["defense"], record["attack"])
         outcomes.setdefault(pair, {})[int(record["index"])] = outcome(record)
         draws[pair] = max(draws.get(pair, 1), draw_count(record))
+        skipped[pair] = skipped.get(pair, 0) + ("skipped_by" in record)
     rows = []
     for defense in config.defenses:
         for attack in config.attacks:
@@ -26,21 +29,24 @@ def summarize(records: list[dict], config: ExperimentConfig) -> dict:
                              draws.get(pair, 0), {"kind": attack.kind, "norm": attack.norm,
                                                   "eps": attack.eps, "eot": attack.eot_draws,
                                                   "steps": attack.iterations,
-                                                  "frozen_noise": attack.frozen_noise}))
+                                                  "frozen_noise": attack.frozen_noise,
+                                                  "skipped": skipped.get(pair, 0)}))
     for defense in config.defenses:
-        for name, attacks in worst_cases(config).items():
+        for name, group in worst_cases(config).items():
+            attacks = [a for a in group if a.applies_to(defense.name)]
             per_attack = [outcomes.get((defense.name, a.name), {}) for a in attacks]
-            shared = set.intersection(*(set(o) for o in per_attack))
-            threat = next(a for a in attacks if a.kind != "clean")
+            shared = set.intersection(*(set(o) for o in per_attack)) if per_attack else set()
+            threat = next(a for a in group if a.kind != "clean")
             rows.append(_row(config, defense, name,
                              [worst_outcome([o[i] for o in per_attack]) for i in sorted(shared)],
-                             max(draws.get((defense.name, a.name), 0) for a in attacks),
+                             max((draws.get((defense.name, a.name), 0) for a in attacks), default=0),
                              {"kind": "worst-case", "norm": threat.norm, "eps": threat.eps,
-                              "eot": max(a.eot_draws for a in attacks),
-                              "steps": max(a.iterations for a in attacks),
+                              "eot": max((a.eot_draws for a in attacks), default=0),
+                              "steps": max((a.iterations for a in attacks), default=0),
                               "frozen_noise": threat.frozen_noise, "over": [a.name for a in attacks]}))
     return {"experiment": config.name, "description": config.description,
-            "scoring": config.evaluation.headline, "draws": config.evaluation.draws, "rows": rows}
+            "scoring": config.evaluation.headline, "draws": config.evaluation.draws, "rows": rows,
+            "cascade": cascade_savings(records, config)}
 
 
 def worst_cases(config: ExperimentConfig) -> dict[str, list[AttackConfig]]:
@@ -52,7 +58,7 @@ def worst_cases(config: ExperimentConfig) -> dict[str, list[AttackConfig]]:
     groups: dict[tuple[str, float, bool], list[AttackConfig]] = {}
     for attack in config.attacks:
         if attack.kind != "clean":
-            groups.setdefault((attack.norm, round(attack.eps, 8), attack.frozen_noise), []).append(attack)
+            groups.setdefault(threat_group(attack), []).append(attack)
     groups = {key: clean + attacks for key, attacks in groups.items() if len(clean + attacks) > 1}
     if len(groups) == 1:
         return {"worst-case": next(iter(groups.values()))}
@@ -94,4 +100,8 @@ def format_table(summary: dict) -> str:
                      f"{row['total']:>5}  {paper}")
     lines.append(f"R scoring draws per example (fresh noise no attacker saw); headline scoring: "
                  f"{SCORING_LABELS[summary['scoring']]}")
+    cascade = summary.get("cascade") or {}
+    if cascade.get("enabled"):
+        lines.append(f"cascade: skipped {cascade['skipped']} of {cascade['records']} records already broken "
+                     f"by an earlier attack ({100 * cascade['saved_fraction']:.0f} % of purifier passes saved)")
     return "\n".join(lines)

@@ -78,6 +78,7 @@ class _Run:
         self.samples = len({r["index"] for r in records})
         self.samples_per_class = _samples_per_class(records)
         self.defenses = {d.name: d for d in config.defenses}
+        self.cost = {name: cost["denoiser_calls"] for name, cost in (resolved or {}).get("cost", {}).items()}
         stored = (resolved or {}).get("settings", {}).get("defenses", {})
         self.settings = {d.name: _purifier_settings(d, config, stored.get(d.name)) for d in config.defenses}
 
@@ -250,6 +251,8 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
         lines += [f"### {SCORING_LABELS[scoring]}" + (" (headline)" if scoring == order[0] else ""), "",
                   f"{SCORING_LABELS[scoring].capitalize()}: {SCORING_MEANINGS[scoring]}.", "",
                   *_table(["defence", *attacks], table_rows, ["---", *[":---:"] * len(attacks)]), ""]
+    lines += _pareto_lines(run)
+    lines += _cascade_lines(run)
     lines += _convergence_lines(run)
     if run.warnings:
         lines += ["### Warnings from the attacks", ""]
@@ -306,7 +309,7 @@ def _write_csv(run: _Run, path: Path) -> None:
     extra = sorted({key for d in run.config.defenses for key in d.purifier} - set(PURIFIER_COLUMNS))
     scored = [f"{scoring}_{part}" for scoring in SCORINGS for part in ("accuracy", "ci_low", "ci_high")]
     fields = ["defense", "defense_kind", "attack", "kind", "norm", "eps", "eot", "steps", "frozen_noise",
-              *PURIFIER_COLUMNS, *extra, "draws", "scoring", "correct", "total", "accuracy", "ci_low",
+              *PURIFIER_COLUMNS, *extra, "draws", "scoring", "correct", "total", "skipped", "accuracy", "ci_low",
               "ci_high", *scored, "paper"]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -354,6 +357,23 @@ def _finish_axes(axes, xlabel: str, title: str) -> None:
     axes.legend(fontsize="small")
 
 
+def _cascade_lines(run: _Run) -> list[str]:
+    """What the cascade skipped per attack, and the share of purifier passes it saved."""
+    cascade = run.summary["cascade"]
+    if not cascade["enabled"]:
+        return []
+    skipped = [f"{r['defense']} / {r['attack']}: {r['skipped']} of {r['total']}"
+               for r in run.rows if r.get("skipped")]
+    return ["### Cascade", "",
+            "Within a threat group each attack attacked only the samples no earlier attack (nor "
+            "clean) had broken under the headline scoring; a skipped sample counts as broken by "
+            "the earlier attack, so each attack's column is the running robust accuracy up to it, "
+            "and the worst case is unchanged. Skipped "
+            f"{cascade['skipped']} of {cascade['records']} (sample, defence, attack) records, "
+            f"{100 * cascade['saved_fraction']:.0f} % of the purifier passes (gradient passes and "
+            "scoring draws, each counted once)" + (": " + "; ".join(skipped) if skipped else "") + ".", ""]
+
+
 def _convergence_lines(run: _Run) -> list[str]:
     """Per iterative attack: its accuracy on its own draws at the end, and whether it still
     fell over its last quarter of iterations (then its numbers are upper bounds)."""
@@ -392,7 +412,71 @@ def _convergence_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
 def _accuracy_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
     """Every applicable accuracy plot, as (title, path)."""
     return [*_sweep_plots(run, plot_dir, "eps"), *_sweep_plots(run, plot_dir, "eot"),
-            *_purifier_plots(run, plot_dir)]
+            *_purifier_plots(run, plot_dir), *_pareto_plots(run, plot_dir)]
+
+
+def _pareto_points(run: _Run) -> dict[str, list[tuple[str, float, float, int | None]]]:
+    """Per threat group's worst case: (defence, clean %, worst-case %, denoiser calls per image)
+    under the headline scoring, for every defence with both measured."""
+    clean = next((a.name for a in run.config.attacks if a.kind == "clean"), None)
+    if clean is None:
+        return {}
+    points = {}
+    for group in worst_cases(run.config):
+        found = [(d.name, 100 * run.row(d.name, clean)["accuracy"], 100 * run.row(d.name, group)["accuracy"],
+                  run.cost.get(d.name)) for d in run.config.defenses
+                 if run.row(d.name, clean)["total"] and run.row(d.name, group)["total"]]
+        if len(found) >= 2:
+            points[group] = found
+    return points
+
+
+def _dominated(point: tuple[str, float, float, int | None], others: list) -> bool:
+    """Whether another defence is at least as accurate clean and robust, at no more cost, and
+    better in one of the three."""
+    _, clean, robust, cost = point
+    cost = cost if cost is not None else 0
+    for _, c, r, k in others:
+        k = k if k is not None else 0
+        if c >= clean and r >= robust and k <= cost and (c, r, -k) != (clean, robust, -cost):
+            return True
+    return False
+
+
+def _pareto_lines(run: _Run) -> list[str]:
+    """The trade-off the paper is about, as a table per threat group: clean against worst-case
+    accuracy and cost, each defence marked on or off the Pareto front."""
+    lines = []
+    for group, points in _pareto_points(run).items():
+        rows = [[name, f"{clean:.1f}", f"{robust:.1f}", "–" if cost is None else cost,
+                 "dominated" if _dominated((name, clean, robust, cost), points) else "**front**"]
+                for name, clean, robust, cost in points]
+        lines += [f"### Trade-off: clean vs {group} ({SCORING_LABELS[run.config.evaluation.headline]})", "",
+                  *_table(["defence", "clean %", "worst case %", "denoiser calls / image", "Pareto"], rows), ""]
+    return lines
+
+
+def _pareto_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
+    """Clean against worst-case accuracy, one point per defence labelled with its cost."""
+    plots = []
+    for group, points in _pareto_points(run).items():
+        figure = _new_figure((5.5, 4.5))
+        axes = figure.subplots()
+        for name, clean, robust, cost in points:
+            axes.scatter([robust], [clean], s=30 + 3 * (cost or 0), alpha=0.7)
+            axes.annotate(name + ("" if cost is None else f" ({cost})"), (robust, clean), fontsize="small",
+                          xytext=(4, 4), textcoords="offset points")
+        axes.set_xlabel(f"{group} accuracy (%)")
+        axes.set_ylabel("clean accuracy (%)")
+        axes.set_xlim(-2, 102)
+        axes.set_ylim(-2, 102)
+        axes.grid(alpha=0.3)
+        title = f"Clean vs robust ({group}); label: denoiser calls per image"
+        axes.set_title(title, fontsize="medium")
+        path = plot_dir / f"pareto_{group}.png"
+        figure.savefig(path, dpi=120)
+        plots.append((title, path))
+    return plots
 
 
 def _sweep_plots(run: _Run, plot_dir: Path, setting: str) -> list[tuple[str, Path]]:
