@@ -47,3 +47,14 @@ def test_dlr_is_scale_invariant_and_apgd_refuses_other_losses(setting):
     assert torch.allclose(attack_loss(logits, labels, "dlr"), attack_loss(3 * logits, labels, "dlr"), atol=1e-5)
     with pytest.raises(ValueError, match="apgd loss.*'margin'"):
         AttackConfig("a", kind="apgd", steps=1, loss="margin")
+
+
+def test_apgd_records_a_convergence_trace_per_iterate(setting):
+    """One point per iterate (the start and each of the steps), averaged over EOT calls and
+    restarts; the accuracy starts at the clean accuracy and ends at or below it."""
+    defense, images, labels = setting
+    result = craft(AttackConfig("a", kind="apgd", steps=6, eot=2, restarts=2, eps="64/255"), defense, images,
+                   labels, seed=0)
+    assert [point["step"] for point in result.trace] == list(range(7))
+    assert result.trace[0]["accuracy"] == 1.0  # labels are the victim's own predictions
+    assert result.trace[-1]["accuracy"] < 1.0 and result.trace[-1]["loss"] > result.trace[0]["loss"]

@@ -16,7 +16,7 @@ from .autoattack import run_autoattack
 from .base import ATTACKS, Attack, Crafted
 from .bpda import BPDA
 from .deviation import DeviatedReconstruction
-from .pgd import pgd
+from .pgd import attack_loss, pgd
 
 APGD_LOSSES = ("ce", "dlr")
 
@@ -150,7 +150,8 @@ class APGD(DefenceAttack):
         from pyautoattack.autopgd_base import APGDAttack
 
         config = self.config
-        apgd = APGDAttack(model, n_iter=config.iterations, norm=AUTOATTACK_NORMS[config.norm], eps=config.eps,
+        traced = _TracedForward(model, labels, config.loss)
+        apgd = APGDAttack(traced, n_iter=config.iterations, norm=AUTOATTACK_NORMS[config.norm], eps=config.eps,
                           loss=config.loss, eot_iter=config.eot_draws, device=images.device)
         apgd.init_hyperparam(images)
         best, best_loss = images.clone(), torch.full((len(images),), float("-inf"), device=images.device)
@@ -160,4 +161,32 @@ class APGD(DefenceAttack):
                 iterate, _, loss, _ = apgd.attack_single_run(images, labels, start if restart == 0 else None)
                 better = loss > best_loss
                 best[better], best_loss[better] = iterate[better], loss[better]
-        return Crafted(best.detach(), frozen_scorer=frozen)
+        return Crafted(best.detach(), frozen_scorer=frozen, trace=traced.trace(config.eot_draws, config.restarts))
+
+
+class _TracedForward(nn.Module):
+    """``model`` as APGD calls it, noting each call's mean loss and accuracy so that APGD has a
+    convergence trace like PGD's: APGD makes ``eot`` calls per iterate (the start included),
+    restart after restart."""
+
+    def __init__(self, model: nn.Module, labels: torch.Tensor, loss: str) -> None:
+        super().__init__()
+        self.model, self.labels, self.loss = model, labels, loss
+        self.calls: list[tuple[float, float]] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.model(images)
+        with torch.no_grad():
+            self.calls.append((float(attack_loss(logits, self.labels, self.loss).mean()),
+                               float((logits.argmax(1) == self.labels).float().mean())))
+        return logits
+
+    def trace(self, eot: int, restarts: int) -> list[dict]:
+        """Per iterate, loss and accuracy averaged over its EOT calls and over the restarts."""
+        per_restart = len(self.calls) // restarts
+        points = []
+        for step in range(per_restart // eot):
+            calls = [self.calls[r * per_restart + step * eot + k] for r in range(restarts) for k in range(eot)]
+            points.append({"step": step, "loss": sum(c[0] for c in calls) / len(calls),
+                           "accuracy": sum(c[1] for c in calls) / len(calls)})
+        return points
