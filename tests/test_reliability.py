@@ -491,3 +491,31 @@ def test_killed_classifier_training_resumes_bit_identically(tmp_path, train_data
     _killed_run_matches_uninterrupted(
         tmp_path, "train-classifier", train_data, 8, "model.safetensors",
         "arch=cifar10-small-resnet", "steps=8", "checkpoint_every=2", "batch_size=8", "attack_steps=1")
+
+
+def test_diffusion_training_fine_tunes_from_a_trained_model(tmp_path, train_data):
+    """``init_from`` starts the weights (and their EMA) at a trained model's: with no step
+    taken, the exported model is that model (as float16)."""
+    from distpure.models.diffusion import DiffusionModel, default_scheduler, small_unet
+    from distpure.training.diffusion import DiffusionTrainingConfig, train_diffusion
+
+    torch.manual_seed(5)
+    DiffusionModel(small_unet(32, (32, 64)), default_scheduler()).save_pretrained(tmp_path / "trained")
+    config = DiffusionTrainingConfig(data_root=str(train_data), output_dir=str(tmp_path / "tuned"), device="cpu",
+                                     channels=(32, 64), steps=0, init_from=str(tmp_path / "trained"))
+    exported = load_file(train_diffusion(config) / "diffusion_pytorch_model.safetensors")
+    original = load_file(tmp_path / "trained" / "diffusion_pytorch_model.safetensors")
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k].half()) for k in original)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from distpure.training.diffusion import DiffusionTrainingConfig, learning_rate
+
+    config = DiffusionTrainingConfig(learning_rate=1.0, warmup_steps=10, steps=110, lr_schedule="cosine")
+    assert learning_rate(config, 4) == pytest.approx(0.5)
+    assert learning_rate(config, 9) == pytest.approx(1.0) and learning_rate(config, 60) == pytest.approx(0.5)
+    assert learning_rate(config, 110) == pytest.approx(0.0)
+    assert learning_rate(DiffusionTrainingConfig(learning_rate=1.0, warmup_steps=10), 500) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        DiffusionTrainingConfig(lr_schedule="step")

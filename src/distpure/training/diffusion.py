@@ -1,11 +1,14 @@
 """``distpure train-diffusion``: train a small DDPM on an image folder, resumably, on CPU or GPU.
 
 Purification only visits small noise levels, so training may restrict timesteps to
-``[0, max_timestep)``; the schedule itself stays the standard 1000-step linear one.
+``[0, max_timestep)``; the schedule itself stays the standard 1000-step linear one. ``init_from``
+fine-tunes a trained model of the same architecture (e.g. the embedded default), and
+``lr_schedule: cosine`` decays the learning rate to 0 at ``steps``.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..devices import autocast
-from ..models.diffusion import DiffusionModel, default_scheduler, small_unet
+from ..models.diffusion import DiffusionModel, default_scheduler, load_diffusion, small_unet
+from ..validation import check_choice
 from .batches import random_batch, training_set
 from .ema import EMA
 from .loop import LoopSettings, TrainingRunConfig, loss_scaler, run_loop, start_run
@@ -33,6 +37,24 @@ class DiffusionTrainingConfig(TrainingRunConfig):
     warmup_steps: int = 250
     ema_decay: float = 0.999
     steps: int = 100_000
+    lr_schedule: str = "constant"
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(config: DiffusionTrainingConfig, step: int) -> float:
+    """Linear warm-up to ``learning_rate``, then constant, or cosine decay to 0 at ``steps``."""
+    warm = min(1.0, (step + 1) / config.warmup_steps)
+    if config.lr_schedule == "constant":
+        return config.learning_rate * warm
+    progress = min(1.0, max(0.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)))
+    return config.learning_rate * warm * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def train_diffusion(config: DiffusionTrainingConfig) -> Path:
@@ -41,6 +63,8 @@ def train_diffusion(config: DiffusionTrainingConfig) -> Path:
 
     images, labels = training_set(config.data_root)
     unet = small_unet(32, config.channels, config.layers_per_block, config.attention).to(device)
+    if config.init_from is not None:  # fine-tune a trained model (a checkpoint of this run still wins)
+        unet.load_state_dict(load_diffusion(config.init_from).unet.state_dict())
     scheduler = default_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
@@ -49,7 +73,7 @@ def train_diffusion(config: DiffusionTrainingConfig) -> Path:
 
     def train_step(step: int) -> float:
         for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * min(1.0, (step + 1) / config.warmup_steps)
+            group["lr"] = learning_rate(config, step)
         batch, _ = random_batch(images, labels, config.batch_size, device)
         loss = _train_step(unet, optimizer, scaler, batch * 2.0 - 1.0, alphas_cumprod, config)
         ema.update(unet)
