@@ -404,3 +404,11 @@ def test_diffpure_original_config_runs_on_the_tiny_model(
     examples = load_file(run_dir / "examples" / "diffpure__clean.safetensors")
     assert examples["purified"].shape == (LIMIT, 3, 32, 32)
     assert not torch.equal(examples["purified"], examples["clean"])
+
+
+def test_sde_time_labels_follow_each_network_family(tiny_diffusion):
+    """DiffPure calls a discrete-step network (guided-diffusion) at step ⌊1000·t⌋ and score-SDE's
+    continuous models at 999·t; times built as t* − k·dt in float64 still land on whole steps."""
+    times = reverse_sde_times(0.1, 1e-3)
+    assert [tiny_diffusion.sde_time_label(t) for t in times] == list(range(100, 0, -1))
+    assert ScoreSDEModel.sde_time_label(tiny_diffusion, 0.1) == pytest.approx(99.9)

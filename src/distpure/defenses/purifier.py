@@ -270,12 +270,13 @@ class Purifier(nn.Module):
 
     def _sde_step(self, x_t: torch.Tensor, x_input: torch.Tensor, step_noise: torch.Tensor,
                   target_noise: torch.Tensor, t: float, dt: float, progress: float) -> torch.Tensor:
-        """One Euler-Maruyama step of the reverse VP-SDE from t to t - dt at time label (N-1)·t,
+        """One Euler-Maruyama step of the reverse VP-SDE from t to t - dt at the network's time
+        label for t (``sde_time_label``: ⌊N·t⌋ for discrete-step networks, (N-1)·t for score-SDE's),
         score -ε / std(t) with ε guided as in the ddpm steps (ᾱ of the SDE's marginal), so the
         score gains scale · ∇ log p. A learned variance goes unused, as in DiffPure."""
         alpha_bars = (torch.tensor(self.sde.alpha_bar(s), dtype=torch.float64, device=x_t.device)
                       for s in (t, t - dt))
-        label = t * (self.diffusion.num_train_timesteps - 1)
+        label = self.diffusion.sde_time_label(t)
         eps, _ = self._guided_prediction(x_t, x_input, target_noise, label, StepCoefficients(*alpha_bars),
                                          progress)
         return reverse_sde_step(x_t, -eps / self.sde.std(t), self.sde, t, dt, math.sqrt(dt) * step_noise)

@@ -32,7 +32,7 @@ class NoisePredictor(nn.Module):
     trained on: what the purifier's samplers need of a diffusion backbone.
 
     ``forward(x_t, t)`` takes time labels on the step scale: integer steps 0 ... N-1 for the
-    DDPM/DDIM samplers, (N-1)·t for a continuous time t ∈ [0, 1] (score-SDE's convention).
+    DDPM/DDIM samplers; for the SDE sampler, ``sde_time_label(t)`` of a continuous time t.
     """
 
     def __init__(self, betas: torch.Tensor) -> None:
@@ -51,6 +51,13 @@ class NoisePredictor(nn.Module):
     def sde(self) -> VPSDE:
         """The continuous VP-SDE this schedule discretises (for the sde sampler; linear β only)."""
         return VPSDE.from_betas(self.betas)
+
+    def sde_time_label(self, t: float) -> int | float:
+        """The label the network is called with at continuous time t ∈ (0, 1] of the SDE
+        sampler. A network trained on discrete steps gets the step ⌊N·t⌋, as DiffPure calls
+        guided-diffusion's UNet (``RevVPSDE._scale_timesteps``); the 1e-6 absorbs the float64
+        drift of t* − k·dt below a whole step."""
+        return math.floor(t * self.num_train_timesteps + 1e-6)
 
     @property
     def image_channels(self) -> int:

@@ -343,6 +343,10 @@ class ScoreSDEModel(NoisePredictor):
     def sample_size(self) -> int:
         return self.config.image_size
 
+    def sde_time_label(self, t: float) -> float:
+        """score_sde's continuous VP models take (N-1)·t (``models/utils.py``, as DiffPure runs them)."""
+        return t * (self.num_train_timesteps - 1)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.network(x_t, t)
 
