@@ -402,8 +402,13 @@ def test_a_run_from_before_a_new_setting_resumes(assets, config_path, reference_
     for attack in stored["attacks"]:
         del attack["eot_batch"]
     (run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+    resolved = json.loads((run_dir / "resolved.json").read_text())  # and resolved.json without them
+    del resolved["settings"]["evaluation"]["cascade"]
+    del resolved["settings"]["defenses"]["purified"]["purifier"]["sampler"]
+    (run_dir / "resolved.json").write_text(json.dumps(resolved))
     run_experiment(load_experiment(config_path), run_dir, show_progress=False)
     assert "eot_batch" in (run_dir / "config.yaml").read_text()
+    assert "cascade" in (run_dir / "resolved.json").read_text()
 
 
 def test_resuming_with_other_resolved_settings_is_refused(assets, config_path, reference_run, tmp_path,

@@ -9,8 +9,10 @@ from importlib import metadata as importlib_metadata
 
 import yaml
 
+from ..config import from_dict
 from ..defenses.defended import DefendedClassifier
-from .config import ExperimentConfig, load_experiment
+from ..defenses.purifier import PurifierConfig
+from .config import EvaluationConfig, ExperimentConfig, load_experiment
 from .rundir import RunDirectory
 
 
@@ -56,6 +58,20 @@ def differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
     return lines
 
 
+def _through_dataclasses(settings: dict) -> dict:
+    """Stored resolved settings with the scoring and purifier settings read through today's
+    dataclasses, as ``config.yaml`` is: a setting added since (at its default, which keeps the
+    old behaviour) is no change, while a changed default of an existing setting still shows."""
+    settings = dict(settings)
+    if "evaluation" in settings:
+        settings["evaluation"] = asdict(from_dict(EvaluationConfig, settings["evaluation"]))
+    settings["defenses"] = {
+        name: {**spec, "purifier": asdict(from_dict(PurifierConfig, spec["purifier"]))
+               if spec.get("purifier") is not None else None}
+        for name, spec in settings.get("defenses", {}).items()}
+    return settings
+
+
 def _stored_experiment(files: RunDirectory) -> ExperimentConfig:
     try:
         return load_experiment(files.config)
@@ -75,7 +91,8 @@ def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict)
             raise ValueError(f"{files.root} holds a different experiment (its config.yaml differs: "
                              f"{changed}); use another --out directory or delete it")
     if files.resolved.is_file():
-        changed = differences(json.loads(files.resolved.read_text())["settings"], resolved["settings"])
+        stored = _through_dataclasses(json.loads(files.resolved.read_text())["settings"])
+        changed = differences(stored, resolved["settings"])
         if changed:
             raise ValueError(f"{files.root} was run with other settings than this version resolves "
                              f"({'; '.join(changed[:8])}); resuming would mix two defences in one "
