@@ -50,8 +50,8 @@ def test_dlr_is_scale_invariant_and_apgd_refuses_other_losses(setting):
 
 
 def test_apgd_records_a_convergence_trace_per_iterate(setting):
-    """One point per iterate (the start and each of the steps), averaged over EOT calls and
-    restarts; the accuracy starts at the clean accuracy and ends at or below it."""
+    """One point per iterate (the random start and each of the steps), averaged over EOT calls
+    and restarts; accuracy starts at 1 (the start is still right here) and falls."""
     defense, images, labels = setting
     result = craft(AttackConfig("a", kind="apgd", steps=6, eot=2, restarts=2, eps="64/255"), defense, images,
                    labels, seed=0)

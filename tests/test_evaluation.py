@@ -483,13 +483,14 @@ def test_cascade_sources_are_the_earlier_attacks_of_the_group():
     assert all(cascade_sources(config, a) == [] for a in attacks)
 
 
-def test_cascade_skips_what_an_earlier_attack_broke_under_the_headline_scoring():
-    """Broken = headline outcome 0: every draw wrong for expected, any draw wrong for worst."""
+def test_cascade_skips_only_what_an_earlier_attack_broke_in_every_draw():
+    """Broken = every draw wrong, whatever the headline: a sample wrong in some draws could still
+    lose expected or majority accuracy to a later attack."""
     attacks = [AttackConfig("clean", kind="clean"), AttackConfig("transfer", kind="transfer"), AttackConfig("pgd")]
     records = {(0, "d", "clean"): _drawn(0, "clean", [1, 1]), (1, "d", "clean"): _drawn(1, "clean", [0, 0]),
                (0, "d", "transfer"): _drawn(0, "transfer", [1, 0]),
                (2, "d", "clean"): _drawn(2, "clean", [1, 1]), (2, "d", "transfer"): _drawn(2, "transfer", [1, 1])}
-    for headline, expected in (("expected", [None, "clean", None]), ("worst", ["transfer", "clean", None])):
+    for headline, expected in (("expected", [None, "clean", None]), ("worst", [None, "clean", None])):
         config = ExperimentConfig(defenses=[DefenseConfig("d", kind="none")], attacks=attacks,
                                   evaluation={"cascade": True, "draws": 2, "headline": headline})
         breaking = [breaking_record(config, "d", attacks[2], i, records) for i in range(3)]
@@ -786,9 +787,18 @@ def test_an_attack_limited_to_some_defences_runs_and_counts_only_there():
     assert rows["a", "only-b"]["total"] == 0
     assert rows["a", "worst-case"]["over"] == ["clean", "pgd"] and rows["a", "worst-case"]["correct"] == 1
     assert rows["b", "worst-case"]["over"] == ["clean", "pgd", "only-b"] and rows["b", "worst-case"]["correct"] == 0
+    alone = ExperimentConfig(defenses=[DefenseConfig("a", kind="none"), DefenseConfig("b", kind="none")],
+                             attacks=[AttackConfig("clean", kind="clean"), AttackConfig("only-b", defenses=["b"])])
+    rows = {(r["defense"], r["attack"]): r for r in summarize(records, alone)["rows"]}
+    assert rows["a", "worst-case"]["total"] == 0  # clean alone is no worst case
     with pytest.raises(ValueError, match="defence"):
         ExperimentConfig(defenses=[DefenseConfig("a", kind="none")],
                          attacks=[AttackConfig("pgd", defenses=["typo"])])
+    with pytest.raises(ValueError, match="needs a diffusion purifier"):
+        ExperimentConfig(defenses=[DefenseConfig("a", kind="none")], attacks=[AttackConfig("pgd", deviation=1.0)])
+    with pytest.raises(ValueError, match="same noise"):
+        ExperimentConfig(defenses=[DefenseConfig("a", kind="none")], evaluation={"cascade": True},
+                         attacks=[AttackConfig("pgd"), AttackConfig("frozen", frozen_noise=True, start_from="pgd")])
     with pytest.raises(ValueError, match="does not run against a"):
         ExperimentConfig(defenses=[DefenseConfig("a", kind="none"), DefenseConfig("b", kind="none")],
                          attacks=[AttackConfig("t", kind="transfer", defenses=["b"]),

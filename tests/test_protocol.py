@@ -176,3 +176,11 @@ def test_frozen_attacks_of_one_defence_meet_one_draw(tiny_diffusion, tiny_victim
 def test_a_surrogate_cannot_change_the_threat_model(surrogate):
     with pytest.raises(ValueError, match="cannot be changed"):
         AttackConfig("s", kind="surrogate", surrogate=surrogate)
+
+
+def test_holdout_judged_attacks_run_on_a_randomized_defence(tiny_diffusion, tiny_victim, tiny_images):
+    """``holdout_draws`` judges iterates with held-out draws of the scored defence itself."""
+    defense = _defense(tiny_diffusion, tiny_victim)
+    labels = torch.arange(len(tiny_images))
+    result = craft(AttackConfig("a", kind="pgd", steps=2, holdout_draws=2), defense, tiny_images, labels, seed=1)
+    assert result.examples.shape == tiny_images.shape and len(result.trace) == 3

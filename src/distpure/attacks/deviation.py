@@ -4,8 +4,8 @@ input, averaged uniformly over the reverse steps, so that the diffusion model's 
 wrong along the way (where the classifier's gradient through many steps is weak).
 
 distpure compares x'_t with the mean of the forward marginal, sqrt(ᾱ_t) x (x the attacked
-input in [-1, 1]), rather than with one forward draw: the squared distance to a draw is this
-plus terms that only add noise to the gradient. The attack maximises CE (or DLR) + λ · L_dev.
+input in [-1, 1]), rather than with one forward draw. The steps ascend CE (or DLR) + λ · L_dev;
+the iterate kept is still the one with the highest classification loss.
 """
 from __future__ import annotations
 

@@ -47,14 +47,16 @@ class DefenceAttack(Attack):
         if frozen_seed is None:
             frozen_seed = derive_seed(seed, "frozen-noise")
         frozen = self.frozen_defense(defense, images, sample_keys, frozen_seed) if self.config.frozen_noise else None
-        return self.attack(self.attacked_model(frozen or defense, seed), images, labels, seed, start, frozen)
+        scored = frozen or defense
+        return self.attack(scored, self.attacked_model(scored, seed), images, labels, seed, start, frozen)
 
-    def attack(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
-               start: torch.Tensor | None, frozen: DefendedClassifier | None) -> Crafted:
-        """PGD with EOT on ``model`` (the kinds differ in the model they differentiate); with
-        ``holdout_draws`` the iterate kept is judged by held-out draws of the defence."""
+    def attack(self, defense: DefendedClassifier, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               seed: int, start: torch.Tensor | None, frozen: DefendedClassifier | None) -> Crafted:
+        """PGD with EOT on ``model``, what the attacker differentiates of ``defense`` (the kinds
+        differ in it); with ``holdout_draws`` the iterate kept is judged by held-out draws of
+        ``defense`` itself."""
         config, trace = self.config.pgd_config(derive_seed(seed, "pgd-start")), []
-        judge = self.judge(frozen or defense, seed) if config.holdout_draws else None
+        judge = self.judge(defense, seed) if config.holdout_draws else None
         return Crafted(pgd(model, images, labels, config, start, trace, judge), frozen_scorer=frozen, trace=trace)
 
     @staticmethod
@@ -130,7 +132,7 @@ class SurrogatePGD(DefenceAttack):
 class AutoAttackEnsemble(DefenceAttack):
     """AutoAttack's ``standard`` or ``rand`` ensemble, its own verdict and warnings kept."""
 
-    def attack(self, model, images, labels, seed, start, frozen) -> Crafted:
+    def attack(self, defense, model, images, labels, seed, start, frozen) -> Crafted:
         config = self.config
         result = run_autoattack(model, images, labels, norm=config.norm, eps=config.eps,
                                 version=config.version, iterations=config.iterations,
@@ -146,7 +148,7 @@ class APGD(DefenceAttack):
     the first of which starts at ``start`` (a warm start) when given: the fresh scoring draws,
     not one forward of the attacker's, then judge it."""
 
-    def attack(self, model, images, labels, seed, start, frozen) -> Crafted:
+    def attack(self, defense, model, images, labels, seed, start, frozen) -> Crafted:
         from pyautoattack.autopgd_base import APGDAttack
 
         config = self.config

@@ -87,7 +87,8 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     and its accuracy on its own EOT draws: the convergence curve of the attack. ``judge`` (the
     defence with noise of its own) picks the best iterate when ``holdout_draws`` is set. A model
     that sets a per-row ``auxiliary_loss`` in its forward (``deviation.DeviatedReconstruction``)
-    has it added to the loss maximised."""
+    has it added to the loss the steps ascend; iterates are still kept, and traced, by the
+    classification loss."""
     check_unit_images(images)
     config = config or PGDConfig()
     generator = torch.Generator().manual_seed(config.seed)
@@ -142,10 +143,12 @@ def _record(trace: list[dict] | None, step: int, loss: torch.Tensor, accuracy: f
 
 def eot_loss_and_gradient(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, config: PGDConfig,
                           need_gradient: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mean loss and mean input gradient over ``eot`` stochastic forward passes, and the
-    fraction of (sample, draw) pairs the model still classifies right. Draws run ``eot_batch``
-    at a time as one batch of repeated images (each row draws its own noise; the gradient with
-    respect to ``x`` sums over the copies)."""
+    """Mean classification loss and mean input gradient over ``eot`` stochastic forward passes,
+    and the fraction of (sample, draw) pairs the model still classifies right. The gradient is
+    of the loss plus the model's ``auxiliary_loss`` where it sets one (DiffAttack's deviation);
+    the loss returned, which picks the iterate kept, is the classification loss alone. Draws run
+    ``eot_batch`` at a time as one batch of repeated images (each row draws its own noise; the
+    gradient with respect to ``x`` sums over the copies)."""
     x = x.detach().requires_grad_(need_gradient)
     total_loss = torch.zeros(len(x), device=x.device)
     total_gradient = torch.zeros_like(x)
@@ -155,12 +158,11 @@ def eot_loss_and_gradient(model: nn.Module, x: torch.Tensor, labels: torch.Tenso
         with torch.set_grad_enabled(need_gradient):
             logits = model(x.repeat(copies, *[1] * (x.ndim - 1)))
             loss = attack_loss(logits, labels.repeat(copies), config.loss)
-            auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. DiffAttack's deviation
-            if auxiliary is not None:
-                loss = loss + auxiliary
+            auxiliary = getattr(model, "auxiliary_loss", None)
         right += int((logits.detach().argmax(1) == labels.repeat(copies)).sum())
         if need_gradient:
-            total_gradient += torch.autograd.grad(loss.sum(), x)[0]
+            ascended = loss.sum() + (auxiliary.sum() if auxiliary is not None else 0.0)
+            total_gradient += torch.autograd.grad(ascended, x)[0]
         total_loss += loss.detach().view(copies, len(x)).sum(0)
     return total_loss / config.eot, total_gradient / config.eot, right / (config.eot * len(x))
 

@@ -28,8 +28,9 @@ class DefendedClassifier(nn.Module):
     @property
     def denoiser_calls(self) -> int:
         """Denoiser (UNet) forward passes per image of one classification: the purifier's
-        reverse steps times the votes (0 without a diffusion purifier). The cost of a defence
-        at inference, as the Pareto report compares defences."""
+        reverse steps times the votes (0 without a diffusion purifier). The Pareto report's cost
+        axis; victim guidance adds, per step, a classifier forward and backward (cheaper than
+        the UNet's), which this count leaves out."""
         return len(getattr(self.purifier, "timesteps", ())) * self.votes
 
     def with_purifier(self, purifier: nn.Module | None) -> "DefendedClassifier":

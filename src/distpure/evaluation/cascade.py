@@ -1,12 +1,13 @@
 """The cascade, as AutoAttack runs its ensemble: within a threat group, attacks run in the
 configured order, and each attacks only the samples that no earlier attack of the group (nor
-``clean``) has broken under the experiment's headline scoring. A skipped sample is recorded as
-broken by that earlier attack (its scoring draws, with ``skipped_by`` naming it).
+``clean``) has broken in every scoring draw (or by its own verdict). A skipped sample is
+recorded as broken by that earlier attack (its scoring draws, with ``skipped_by`` naming it).
 
-Under ``expected`` scoring a sample is broken when every draw is wrong, so a later attack could
-not do better on it: the worst case over the group is unchanged by the cascade, under all three
-scorings. Each attack's own row then counts the samples it or an earlier attack broke, as
-AutoAttack's running robust accuracy does.
+Such a sample scores 0 under all three scorings, so no later attack could do better on it: the
+worst case over the group is unchanged by the cascade, whatever the headline scoring. (A sample
+wrong in only some draws is attacked again: skipping it would stop later attacks from lowering
+its expected or majority score.) Each attack's own row then counts the samples it or an
+earlier attack broke, as AutoAttack's running robust accuracy does.
 """
 from __future__ import annotations
 
@@ -29,11 +30,11 @@ def cascade_sources(config: ExperimentConfig, attack: AttackConfig) -> list[Atta
 
 def breaking_record(config: ExperimentConfig, defense: str, attack: AttackConfig, index: int,
                     records: Mapping[Key, dict]) -> dict | None:
-    """The record of the first earlier attack that broke sample ``index`` of ``defense`` under
-    the headline scoring, or None if ``attack`` must attack it."""
+    """The record of the first earlier attack that broke sample ``index`` of ``defense`` in
+    every draw, or None if ``attack`` must attack it."""
     for source in cascade_sources(config, attack):
         record = records.get((index, defense, source.name))
-        if record is not None and outcome(record).by(config.evaluation.headline) == 0.0:
+        if record is not None and outcome(record).expected == 0.0:
             return record
     return None
 
@@ -45,8 +46,9 @@ def skipped_record(breaking: dict, attack: str) -> dict:
 
 
 def passes_per_sample(attack: AttackConfig, draws: int) -> int:
-    """Purifier passes one sample costs ``attack``: its gradient passes (steps x EOT x restarts;
-    none for clean and transfer, which never differentiate the defence) and the R scoring draws."""
+    """About the purifier passes one sample costs ``attack``: its gradient passes (steps x EOT x
+    restarts; none for clean and transfer, which never differentiate the defence) and the R
+    scoring draws (a start or final evaluation of an iterate is not counted)."""
     crafting = 0 if attack.kind in ("clean", "transfer") else attack.iterations * attack.eot_draws * attack.restarts
     return crafting + draws
 

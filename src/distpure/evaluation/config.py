@@ -153,7 +153,13 @@ class ExperimentConfig:
             for name in attack.defenses or []:
                 check_choice(f"attack {attack.name!r}: defence", name, defense_names)
             if attack.start_from is not None:
-                _check_start(attack, {a.name: a for a in self.attacks[:index]}, defense_names)
+                _check_start(attack, {a.name: a for a in self.attacks[:index]}, defense_names,
+                             self.evaluation.cascade)
+            if attack.deviation:
+                unfit = [d.name for d in self.defenses if d.kind != "purifier" and attack.applies_to(d.name)]
+                if unfit:
+                    raise ValueError(f"attack {attack.name!r}: deviation (DiffAttack's loss) needs a diffusion "
+                                     f"purifier; limit it with 'defenses' to leave out {', '.join(unfit)}")
 
     def purifier_config(self, defense: DefenseConfig) -> PurifierConfig:
         """The purifier settings a ``purifier`` defence runs with: the dataset's recommended
@@ -185,9 +191,11 @@ def _naming(where: str) -> Iterator[None]:
         raise ValueError(f"{where}: {message}") from error
 
 
-def _check_start(attack: AttackConfig, earlier: dict[str, AttackConfig], defenses: list[str]) -> None:
+def _check_start(attack: AttackConfig, earlier: dict[str, AttackConfig], defenses: list[str],
+                 cascade: bool) -> None:
     """A warm start must come from an attack listed before, under the same threat model, that
-    runs against every defence this one does."""
+    runs against every defence this one does; under the cascade, of the same threat group (the
+    source is crafted only on the samples its own group left standing)."""
     start = earlier.get(attack.start_from)
     if start is None:
         raise ValueError(f"attack {attack.name!r}: start_from {attack.start_from!r} must name an "
@@ -195,6 +203,10 @@ def _check_start(attack: AttackConfig, earlier: dict[str, AttackConfig], defense
     if (start.norm, start.eps) != (attack.norm, attack.eps):
         raise ValueError(f"attack {attack.name!r}: start_from {attack.start_from!r} has another "
                          "threat model (norm and eps must match)")
+    if cascade and start.kind != "transfer" and start.frozen_noise != attack.frozen_noise:
+        raise ValueError(f"attack {attack.name!r}: under the cascade, start_from {attack.start_from!r} "
+                         "must use the same noise (fresh or frozen): it is crafted only on the samples "
+                         "its own threat group left standing")
     missing = [d for d in defenses if attack.applies_to(d) and not start.applies_to(d)]
     if missing:
         raise ValueError(f"attack {attack.name!r}: start_from {attack.start_from!r} does not run "

@@ -34,6 +34,8 @@ def summarize(records: list[dict], config: ExperimentConfig) -> dict:
     for defense in config.defenses:
         for name, group in worst_cases(config).items():
             attacks = [a for a in group if a.applies_to(defense.name)]
+            if all(a.kind == "clean" for a in attacks):  # nothing of this threat attacks the defence
+                attacks = []
             per_attack = [outcomes.get((defense.name, a.name), {}) for a in attacks]
             shared = set.intersection(*(set(o) for o in per_attack)) if per_attack else set()
             threat = next(a for a in group if a.kind != "clean")

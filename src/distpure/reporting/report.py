@@ -366,7 +366,7 @@ def _cascade_lines(run: _Run) -> list[str]:
                for r in run.rows if r.get("skipped")]
     return ["### Cascade", "",
             "Within a threat group each attack attacked only the samples no earlier attack (nor "
-            "clean) had broken under the headline scoring; a skipped sample counts as broken by "
+            "clean) had broken in every scoring draw; a skipped sample counts as broken by "
             "the earlier attack, so each attack's column is the running robust accuracy up to it, "
             "and the worst case is unchanged. Skipped "
             f"{cascade['skipped']} of {cascade['records']} (sample, defence, attack) records, "
