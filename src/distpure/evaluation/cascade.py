@@ -6,8 +6,10 @@ recorded as broken by that earlier attack (its scoring draws, with ``skipped_by`
 Such a sample scores 0 under all three scorings, so no later attack could do better on it: the
 worst case over the group is unchanged by the cascade, whatever the headline scoring. (A sample
 wrong in only some draws is attacked again: skipping it would stop later attacks from lowering
-its expected or majority score.) Each attack's own row then counts the samples it or an
-earlier attack broke, as AutoAttack's running robust accuracy does.
+its expected or majority score.) Each attack's own row then counts the samples an earlier
+attack broke as broken too, so it reads "this attack, after the earlier ones"; it is not a
+running minimum (a later attack may do less damage than an earlier one on the samples it
+attacks), which is what the worst-case row is.
 """
 from __future__ import annotations
 

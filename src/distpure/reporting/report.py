@@ -367,8 +367,8 @@ def _cascade_lines(run: _Run) -> list[str]:
     return ["### Cascade", "",
             "Within a threat group each attack attacked only the samples no earlier attack (nor "
             "clean) had broken in every scoring draw; a skipped sample counts as broken by "
-            "the earlier attack, so each attack's column is the running robust accuracy up to it, "
-            "and the worst case is unchanged. Skipped "
+            "the earlier attack (so an attack's column counts those as broken too; the per-sample "
+            "minimum over the group is the worst-case column, unchanged by the cascade). Skipped "
             f"{cascade['skipped']} of {cascade['records']} (sample, defence, attack) records, "
             f"{100 * cascade['saved_fraction']:.0f} % of the purifier passes (gradient passes and "
             "scoring draws, each counted once)" + (": " + "; ".join(skipped) if skipped else "") + ".", ""]
