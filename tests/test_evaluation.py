@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from distpure.cli.main import main
 from distpure.config import from_dict
 from distpure.defenses.purifier import PurifierConfig
+from distpure.devices import describe_hardware
 from distpure.evaluation.cascade import breaking_record, cascade_sources, skipped_record
 from distpure.evaluation.config import (DefenseConfig, ExperimentConfig, load_experiment)
 from distpure.evaluation.records import RecordWriter, read_records, write_sorted
@@ -394,6 +395,27 @@ def test_run_dir_with_another_config_is_refused(assets, reference_run, tmp_path,
     assert (reference_run / "config.yaml").read_text() == stored
 
 
+def test_a_run_grows_by_attacks_appended_at_the_end(assets, reference_run, tmp_path):
+    """Attacks appended after the stored ones extend a run, every earlier record kept as it
+    was; an attack inserted before a stored one would change the cascade's subsets: refused."""
+    run_dir = tmp_path / "grown"
+    shutil.copytree(reference_run, run_dir)
+    extra = {"name": "bpda", "kind": "bpda", "eps": "8/255", "steps": 1, "start_from": "transfer"}
+    grown = load_experiment(write_yaml(tmp_path / "grown.yaml", experiment(assets, attacks=ATTACKS + [extra])))
+    run_experiment(grown, run_dir, show_progress=False)
+    records = read_records(run_dir / "results.jsonl")
+    assert [r for r in records if r["attack"] != "bpda"] == read_records(reference_run / "results.jsonl")
+    assert len([r for r in records if r["attack"] == "bpda"]) == 2 * IMAGES_PER_CLASS * len(DEFENSES)
+    assert load_experiment(run_dir / "config.yaml").attacks[-1].name == "bpda"
+    assert "bpda" in json.loads((run_dir / "resolved.json").read_text())["settings"]["attacks"]
+    assert "bpda" in {row["attack"] for row in json.loads((run_dir / "summary.json").read_text())["rows"]}
+
+    inserted = experiment(assets, attacks=[*ATTACKS[:2], extra | {"name": "early"}, ATTACKS[2]])
+    with pytest.raises(ValueError, match="different experiment"):
+        run_experiment(load_experiment(write_yaml(tmp_path / "inserted.yaml", inserted)), run_dir,
+                       show_progress=False)
+
+
 def test_a_run_from_before_a_new_setting_resumes(assets, config_path, reference_run, tmp_path):
     """A setting added since (stored config.yaml without it) takes its default: no difference."""
     run_dir = tmp_path / "older"
@@ -707,8 +729,11 @@ def test_report_of_a_partial_run(reference_run, tmp_path):
     shutil.copy(reference_run / "config.yaml", run_dir)
     lines = (reference_run / "results.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "results.jsonl").write_text("".join(lines[:3]))
+    shutil.copy(reference_run / "sessions.jsonl", run_dir)  # no metadata.json yet: the session's hardware
     text = write_report(run_dir).read_text()
     assert "Partial run" in text and "–" in text
+    session = read_records(run_dir / "sessions.jsonl")[0]
+    assert f"- hardware: {describe_hardware(session['hardware'])}; processes: 1" in text
     data = summary_json(run_dir)
     assert not data["finished"] and data["records"] == 3
     json.dumps(data, allow_nan=False)  # NaN accuracies of empty cells became null

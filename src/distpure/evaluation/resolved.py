@@ -4,6 +4,7 @@ change between versions; ``config.yaml`` stores only what the user wrote)."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, is_dataclass
 from importlib import metadata as importlib_metadata
 
@@ -14,6 +15,8 @@ from ..defenses.defended import DefendedClassifier
 from ..defenses.purifier import PurifierConfig
 from .config import EvaluationConfig, ExperimentConfig, load_experiment
 from .rundir import RunDirectory
+
+_LOG = logging.getLogger("distpure")
 
 
 def package_version() -> str:
@@ -80,19 +83,36 @@ def _stored_experiment(files: RunDirectory) -> ExperimentConfig:
                          "finish it with the version that started it, or use another --out directory") from error
 
 
+def appended_attacks(stored: dict, current: dict) -> list[str]:
+    """The attacks ``current`` (an experiment as a dict) adds after the end of ``stored``'s
+    list, everything before them unchanged: a run may grow so, since neither the cascade nor a
+    warm start ever lets a later attack change an earlier attack's records."""
+    old, new = stored["attacks"], current["attacks"]
+    return [a["name"] for a in new[len(old):]] if new[:len(old)] == old else []
+
+
 def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict) -> None:
     """Create the run directory, or check before resuming that it holds this same experiment,
-    as written (``config.yaml``) and as resolved (``resolved.json``); a difference is refused,
-    named."""
+    as written (``config.yaml``) and as resolved (``resolved.json``), or the same with attacks
+    appended (logged); any other difference is refused, named."""
     files.root.mkdir(parents=True, exist_ok=True)
+    appended: list[str] = []
     if files.config.is_file():  # read through today's dataclasses: a new setting's default is no change
-        changed = "; ".join(differences(asdict(_stored_experiment(files)), asdict(config))[:8])
+        stored, current = asdict(_stored_experiment(files)), asdict(config)
+        appended = appended_attacks(stored, current)
+        changed = "; ".join(differences(stored, {**current, "attacks": stored["attacks"]} if appended
+                                        else current)[:8])
         if changed:
             raise ValueError(f"{files.root} holds a different experiment (its config.yaml differs: "
-                             f"{changed}); use another --out directory or delete it")
+                             f"{changed}); use another --out directory or delete it, or append "
+                             "new attacks after the stored ones")
+        if appended:
+            _LOG.info("extending %s with attacks %s", files.root, ", ".join(appended))
     if files.resolved.is_file():
         stored = _through_dataclasses(json.loads(files.resolved.read_text())["settings"])
-        changed = differences(stored, resolved["settings"])
+        current_settings = {**resolved["settings"], "attacks": {
+            name: value for name, value in resolved["settings"]["attacks"].items() if name not in appended}}
+        changed = differences(stored, current_settings)
         if changed:
             raise ValueError(f"{files.root} was run with other settings than this version resolves "
                              f"({'; '.join(changed[:8])}); resuming would mix two defences in one "

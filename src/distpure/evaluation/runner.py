@@ -72,9 +72,9 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
                                               attack, crafted)
                     writer.write(records)
                     written.update((record_key(r), r) for r in records)
+                    if shard.is_main:  # a unit can take an hour: a killed session keeps its time
+                        clock.save()
                 progress.update(1)
-            if shard.is_main:
-                clock.save()
     shard.barrier()
     summary = _finalize(config, files, shard, clock, device) if shard.is_main else {}
     finish(shard)

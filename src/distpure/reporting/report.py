@@ -212,7 +212,10 @@ def _order_warning(records: list[dict]) -> str:
 
 
 def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_dir: Path) -> str:
-    config, meta = run.config, run.metadata
+    config = run.config
+    # a partial run has no metadata yet but its sessions' hardware: the latest stands in
+    latest = {key: run.sessions[-1][key] for key in ("hardware", "processes")} if run.sessions else {}
+    meta = {**latest, **run.metadata}
     lines = [f"# {config.name}", ""]
     if config.description:
         lines += [config.description.strip(), ""]
