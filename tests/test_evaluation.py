@@ -416,6 +416,36 @@ def test_a_run_grows_by_attacks_appended_at_the_end(assets, reference_run, tmp_p
                        show_progress=False)
 
 
+def test_paired_differences_against_the_baseline(assets, reference_run, tmp_path):
+    """Each defence minus the baseline, per sample on the same images, for clean and the worst
+    case; naming a baseline changes no record, so a finished run takes one on resume."""
+    run_dir = tmp_path / "compared"
+    shutil.copytree(reference_run, run_dir)
+    config = load_experiment(write_yaml(tmp_path / "compared.yaml", experiment(assets, baseline="none")))
+    summary = run_experiment(config, run_dir, show_progress=False)
+    assert read_records(run_dir / "results.jsonl") == read_records(reference_run / "results.jsonl")
+    records = read_records(run_dir / "results.jsonl")
+
+    def expected(defense: str, attack: str) -> dict[int, float]:
+        return {r["index"]: sum(p == r["label"] for p in r["predictions"]) / len(r["predictions"])
+                for r in records if (r["defense"], r["attack"]) == (defense, attack)}
+
+    by_column = {c["column"]: c for c in summary["comparisons"]}
+    assert set(by_column) == {"clean", "worst-case"} and by_column["clean"]["defense"] == "purified"
+    purified, none = expected("purified", "clean"), expected("none", "clean")
+    differences = [purified[i] - none[i] for i in none]
+    assert by_column["clean"]["total"] == len(differences) == 2 * IMAGES_PER_CLASS
+    assert by_column["clean"]["expected"]["mean"] == pytest.approx(sum(differences) / len(differences))
+    worst = {i: min(expected("purified", a)[i] for a in ("clean", "transfer", "pgd"))
+             - min(expected("none", a)[i] for a in ("clean", "transfer", "pgd")) for i in none}
+    assert by_column["worst-case"]["expected"]["mean"] == pytest.approx(sum(worst.values()) / len(worst))
+    low, high = by_column["worst-case"]["expected"]["low"], by_column["worst-case"]["expected"]["high"]
+    assert low <= by_column["worst-case"]["expected"]["mean"] <= high
+    assert "### Paired differences against none" in write_report(run_dir).read_text()
+    with pytest.raises(ValueError, match="baseline"):
+        load_experiment(write_yaml(tmp_path / "bad.yaml", experiment(assets, baseline="nobody")))
+
+
 def test_a_run_from_before_a_new_setting_resumes(assets, config_path, reference_run, tmp_path):
     """A setting added since (stored config.yaml without it) takes its default: no difference."""
     run_dir = tmp_path / "older"

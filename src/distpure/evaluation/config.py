@@ -113,9 +113,15 @@ class EvaluationConfig:
                              f"got {self.headline!r}")
 
 
+#: settings of an experiment that change how its results are presented, not any record: a run
+#: may be resumed with them changed
+PRESENTATION_FIELDS = ("description", "paper", "baseline")
+
+
 @dataclass
 class ExperimentConfig:
-    """A whole experiment; ``paper`` maps ``"<defence>/<attack>"`` to a reported accuracy (%)."""
+    """A whole experiment; ``paper`` maps ``"<defence>/<attack>"`` to a reported accuracy (%);
+    ``baseline`` names the defence every other one is compared with, paired, in the report."""
 
     name: str = "experiment"
     description: str = ""
@@ -129,6 +135,7 @@ class ExperimentConfig:
     device: str = "auto"
     precision: str = "auto"
     paper: dict = field(default_factory=dict)
+    baseline: str | None = None
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -149,6 +156,8 @@ class ExperimentConfig:
         if not self.defenses or not self.attacks:
             raise ValueError("an experiment needs at least one defence and one attack")
         defense_names = [d.name for d in self.defenses]
+        if self.baseline is not None:
+            check_choice("baseline defence", self.baseline, defense_names)
         for index, attack in enumerate(self.attacks):
             for name in attack.defenses or []:
                 check_choice(f"attack {attack.name!r}: defence", name, defense_names)

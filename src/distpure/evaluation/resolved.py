@@ -13,7 +13,7 @@ import yaml
 from ..config import from_dict
 from ..defenses.defended import DefendedClassifier
 from ..defenses.purifier import PurifierConfig
-from .config import EvaluationConfig, ExperimentConfig, load_experiment
+from .config import PRESENTATION_FIELDS, EvaluationConfig, ExperimentConfig, load_experiment
 from .rundir import RunDirectory
 
 _LOG = logging.getLogger("distpure")
@@ -91,14 +91,19 @@ def appended_attacks(stored: dict, current: dict) -> list[str]:
     return [a["name"] for a in new[len(old):]] if new[:len(old)] == old else []
 
 
+def _recorded_settings(experiment: dict) -> dict:
+    """An experiment (as a dict) without what only changes its presentation."""
+    return {key: value for key, value in experiment.items() if key not in PRESENTATION_FIELDS}
+
+
 def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict) -> None:
     """Create the run directory, or check before resuming that it holds this same experiment,
     as written (``config.yaml``) and as resolved (``resolved.json``), or the same with attacks
-    appended (logged); any other difference is refused, named."""
+    appended (logged) or its presentation changed; any other difference is refused, named."""
     files.root.mkdir(parents=True, exist_ok=True)
     appended: list[str] = []
     if files.config.is_file():  # read through today's dataclasses: a new setting's default is no change
-        stored, current = asdict(_stored_experiment(files)), asdict(config)
+        stored, current = (_recorded_settings(asdict(c)) for c in (_stored_experiment(files), config))
         appended = appended_attacks(stored, current)
         changed = "; ".join(differences(stored, {**current, "attacks": stored["attacks"]} if appended
                                         else current)[:8])

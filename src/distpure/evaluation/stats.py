@@ -41,13 +41,40 @@ def accuracy(correct: int, total: int) -> Accuracy:
     return Accuracy(correct, total, *wilson_interval(correct, total))
 
 
+def _normal_interval(values: list[float], z: float) -> tuple[float, float]:
+    """The mean of ``values`` and the half-width of its normal-approximation interval."""
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+    return mean, z * math.sqrt(variance / len(values))
+
+
 def mean_interval(values: list[float], z: float = 1.959964) -> Accuracy:
     """The mean of per-sample scores in [0, 1] with a normal-approximation interval, clipped to
     [0, 1] (per-sample fractions are bounded, so the mean's distribution is close to normal)."""
-    total = len(values)
-    if total == 0:
+    if not values:
         return Accuracy(0, 0, 0.0, 1.0)
-    mean = sum(values) / total
-    variance = sum((v - mean) ** 2 for v in values) / max(1, total - 1)
-    half = z * math.sqrt(variance / total)
-    return Accuracy(sum(values), total, max(0.0, mean - half), min(1.0, mean + half))
+    mean, half = _normal_interval(values, z)
+    return Accuracy(sum(values), len(values), max(0.0, mean - half), min(1.0, mean + half))
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A paired difference of accuracies: the mean per-sample difference and its 95 % interval."""
+
+    mean: float
+    low: float
+    high: float
+    total: int
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
+
+
+def paired_difference(differences: list[float], z: float = 1.959964) -> Difference:
+    """The mean of per-sample differences of two defences' scores on the same samples, with a
+    normal interval (the paired test: what varies between images cancels, so it is far
+    narrower than two separate intervals)."""
+    if not differences:
+        return Difference(float("nan"), -1.0, 1.0, 0)
+    mean, half = _normal_interval(differences, z)
+    return Difference(mean, max(-1.0, mean - half), min(1.0, mean + half), len(differences))

@@ -6,19 +6,20 @@ from ..attacks.suite import AttackConfig
 from .config import DefenseConfig, ExperimentConfig
 from .cascade import cascade_savings
 from .protocol import SCORINGS, Outcome, draw_count, outcome, scored_accuracy, threat_group, worst_outcome
+from .stats import paired_difference
 
 SCORING_LABELS = {"expected": "expected", "worst": "worst-of-R", "majority": "majority-of-R"}
 
 
 def summarize(records: list[dict], config: ExperimentConfig) -> dict:
     """Rows per (defence, attack) in config order, with the paper's number where stated, then
-    per defence the worst case over the attacks of each threat group (see ``worst_cases``)."""
-    outcomes: dict[tuple[str, str], dict[int, Outcome]] = {}
+    per defence the worst case over the attacks of each threat group (see ``worst_cases``), and
+    each defence's paired difference from the ``baseline`` defence, if the config names one."""
+    outcomes = sample_outcomes(records)
     draws: dict[tuple[str, str], int] = {}
     skipped: dict[tuple[str, str], int] = {}
     for record in records:
         pair = (record["defense"], record["attack"])
-        outcomes.setdefault(pair, {})[int(record["index"])] = outcome(record)
         draws[pair] = max(draws.get(pair, 1), draw_count(record))
         skipped[pair] = skipped.get(pair, 0) + ("skipped_by" in record)
     rows = []
@@ -33,14 +34,10 @@ def summarize(records: list[dict], config: ExperimentConfig) -> dict:
                                                   "skipped": skipped.get(pair, 0)}))
     for defense in config.defenses:
         for name, group in worst_cases(config).items():
-            attacks = [a for a in group if a.applies_to(defense.name)]
-            if all(a.kind == "clean" for a in attacks):  # nothing of this threat attacks the defence
-                attacks = []
-            per_attack = [outcomes.get((defense.name, a.name), {}) for a in attacks]
-            shared = set.intersection(*(set(o) for o in per_attack)) if per_attack else set()
+            attacks = _attacking(group, defense.name)
             threat = next(a for a in group if a.kind != "clean")
             rows.append(_row(config, defense, name,
-                             [worst_outcome([o[i] for o in per_attack]) for i in sorted(shared)],
+                             list(worst_case_outcomes(outcomes, defense.name, attacks).values()),
                              max((draws.get((defense.name, a.name), 0) for a in attacks), default=0),
                              {"kind": "worst-case", "norm": threat.norm, "eps": threat.eps,
                               "eot": max((a.eot_draws for a in attacks), default=0),
@@ -48,7 +45,52 @@ def summarize(records: list[dict], config: ExperimentConfig) -> dict:
                               "frozen_noise": threat.frozen_noise, "over": [a.name for a in attacks]}))
     return {"experiment": config.name, "description": config.description,
             "scoring": config.evaluation.headline, "draws": config.evaluation.draws, "rows": rows,
-            "cascade": cascade_savings(records, config)}
+            "cascade": cascade_savings(records, config), "comparisons": paired_comparisons(config, outcomes)}
+
+
+def sample_outcomes(records: list[dict]) -> dict[tuple[str, str], dict[int, Outcome]]:
+    """Per (defence, attack), each sample's outcome by its index."""
+    outcomes: dict[tuple[str, str], dict[int, Outcome]] = {}
+    for record in records:
+        outcomes.setdefault((record["defense"], record["attack"]), {})[int(record["index"])] = outcome(record)
+    return outcomes
+
+
+def _attacking(group: list[AttackConfig], defense: str) -> list[AttackConfig]:
+    """The attacks of a threat group that run against ``defense``: none if only clean does."""
+    attacks = [a for a in group if a.applies_to(defense)]
+    return [] if all(a.kind == "clean" for a in attacks) else attacks
+
+
+def worst_case_outcomes(outcomes: dict[tuple[str, str], dict[int, Outcome]], defense: str,
+                        attacks: list[AttackConfig]) -> dict[int, Outcome]:
+    """Per sample that every one of ``attacks`` has a record of, its worst outcome over them."""
+    per_attack = [outcomes.get((defense, a.name), {}) for a in attacks]
+    shared = set.intersection(*(set(o) for o in per_attack)) if per_attack else set()
+    return {i: worst_outcome([o[i] for o in per_attack]) for i in sorted(shared)}
+
+
+def paired_comparisons(config: ExperimentConfig, outcomes: dict[tuple[str, str], dict[int, Outcome]]
+                       ) -> list[dict]:
+    """Each defence's paired difference from ``config.baseline`` on clean images and on each
+    threat group's worst case, on the samples both have, under every scoring (percent points
+    as fractions, with 95 % intervals): the comparison a claim "beats the baseline" needs."""
+    if config.baseline is None:
+        return []
+    columns = {a.name: [a] for a in config.attacks if a.kind == "clean"} | worst_cases(config)
+    comparisons = []
+    for defense in (d.name for d in config.defenses if d.name != config.baseline):
+        for column, group in columns.items():
+            sides = [worst_case_outcomes(outcomes, name, group if len(group) == 1 else _attacking(group, name))
+                     for name in (defense, config.baseline)]  # a single attack (clean) as it is
+            shared = sorted(set(sides[0]) & set(sides[1]))
+            differences = {scoring: paired_difference([sides[0][i].by(scoring) - sides[1][i].by(scoring)
+                                                       for i in shared]) for scoring in SCORINGS}
+            comparisons.append({"defense": defense, "baseline": config.baseline, "column": column,
+                                "total": len(shared), **{
+                                    scoring: {"mean": d.mean, "low": d.low, "high": d.high}
+                                    for scoring, d in differences.items()}})
+    return comparisons
 
 
 def worst_cases(config: ExperimentConfig) -> dict[str, list[AttackConfig]]:

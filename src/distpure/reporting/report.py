@@ -24,6 +24,7 @@ from ..evaluation.config import DefenseConfig, ExperimentConfig, load_experiment
 from ..evaluation.convergence import TOLERANCE, Curve, convergence_summary, curves
 from ..evaluation.protocol import SCORINGS
 from ..evaluation.rundir import RunDirectory
+from ..evaluation.stats import Difference
 from ..evaluation.summary import SCORING_LABELS, interval_text, summarize, worst_cases
 
 CSV_FILE = RunDirectory(".").csv.name
@@ -255,6 +256,7 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
                   f"{SCORING_LABELS[scoring].capitalize()}: {SCORING_MEANINGS[scoring]}.", "",
                   *_table(["defence", *attacks], table_rows, ["---", *[":---:"] * len(attacks)]), ""]
     lines += _pareto_lines(run)
+    lines += _comparison_lines(run)
     lines += _cascade_lines(run)
     lines += _convergence_lines(run)
     if run.warnings:
@@ -457,6 +459,23 @@ def _pareto_lines(run: _Run) -> list[str]:
         lines += [f"### Trade-off: clean vs {group} ({SCORING_LABELS[run.config.evaluation.headline]})", "",
                   *_table(["defence", "clean %", "worst case %", "denoiser calls / image", "Pareto"], rows), ""]
     return lines
+
+
+def _comparison_lines(run: _Run) -> list[str]:
+    """Each defence against the config's baseline, paired on the same samples, per scoring."""
+    comparisons = run.summary["comparisons"]
+    if not comparisons:
+        return []
+    baseline = run.config.baseline
+    rows = [[c["defense"], c["column"], c["total"],
+             *(str(Difference(**c[s], total=c["total"])) if c["total"] else "–" for s in SCORINGS),
+             run.cost.get(c["defense"], "–")] for c in comparisons]
+    return [f"### Paired differences against {baseline}", "",
+            f"Per sample, a defence's score minus {baseline}'s on the same image (clean, or the worst "
+            "case of a threat group), averaged over the samples both have, in points, with a 95 % "
+            "normal interval: an interval that excludes 0 is a difference the sample shows.", "",
+            *_table(["defence", "against", "n", *(f"{SCORING_LABELS[s]} Δ" for s in SCORINGS),
+                     "denoiser calls / image"], rows), ""]
 
 
 def _pareto_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
