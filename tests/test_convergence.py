@@ -38,6 +38,12 @@ def test_curves_pool_batches_by_samples_and_flag_late_falls():
     dip = curves([_trace("d", 0, 5, [1.0] * 12 + [0.5, 0.5, 0.5, 0.5, 0.488])])[0]
     assert dip.accuracy[12] - dip.accuracy[-1] > TOLERANCE and dip.late_drop == pytest.approx(0.0096)
     assert dip.converged
+    assert flat.late_drop_error == pytest.approx(0.0) and dip.late_drop_error > 0
+    # by hand: last quarter 0.50 0.52 0.48 0.52 0.48 over 4 steps, slope -0.004, residual sum of
+    # squares 0.00144 (3 degrees of freedom), Sxx 10: error 4 * sqrt(0.00048 / 10)
+    noisy = curves([_trace("e", 0, 5, [1.0] * 12 + [0.5, 0.52, 0.48, 0.52, 0.48])])[0]
+    assert noisy.late_drop == pytest.approx(0.016) and noisy.late_drop_error == pytest.approx(0.0277128, rel=1e-5)
+    assert not noisy.converged  # the flag is the fall alone; the error says how much to trust it
     summary = convergence_summary(traces)
     assert summary["a/pgd"]["converged"] is False and summary["a/pgd"]["final_accuracy"] == pytest.approx(0.5)
 

@@ -4,6 +4,7 @@ more than ``TOLERANCE`` over the last quarter of its iterations means more itera
 would likely break more samples, so its robust accuracy is an upper bound."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 TOLERANCE = 0.01  # one point of accuracy
@@ -25,14 +26,25 @@ class Curve:
         """How much accuracy fell over the last quarter of the iterations: the least-squares
         line through its points, from its first to its last iteration (less at the mercy of
         one noisy iteration than the difference of two points)."""
+        return self._late_line()[0]
+
+    @property
+    def late_drop_error(self) -> float:
+        """The standard error of ``late_drop`` from the scatter about the line (the noise of
+        the attacker's own draws): a fall within about two of it may be noise alone."""
+        return self._late_line()[1]
+
+    def _late_line(self) -> tuple[float, float]:
         first = (3 * (len(self.accuracy) - 1)) // 4
         xs, ys = self.steps[first:], self.accuracy[first:]
         if len(xs) < 2:
-            return 0.0
+            return 0.0, 0.0
         mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
-                 / sum((x - mean_x) ** 2 for x in xs))
-        return -slope * (xs[-1] - xs[0])
+        spread = sum((x - mean_x) ** 2 for x in xs)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread
+        residual = sum((y - mean_y - slope * (x - mean_x)) ** 2 for x, y in zip(xs, ys))
+        error = math.sqrt(residual / (len(xs) - 2) / spread) if len(xs) > 2 else 0.0
+        return -slope * (xs[-1] - xs[0]), error * (xs[-1] - xs[0])
 
     @property
     def converged(self) -> bool:
@@ -56,7 +68,9 @@ def curves(traces: list[dict]) -> list[Curve]:
 
 
 def convergence_summary(traces: list[dict]) -> dict[str, dict]:
-    """``{"<owner>/<attack>": {converged, late_drop, final_accuracy, steps, samples}}``."""
+    """``{"<owner>/<attack>": {converged, late_drop, late_drop_error, final_accuracy, steps,
+    samples}}``."""
     return {f"{c.owner}/{c.attack}": {"converged": c.converged, "late_drop": c.late_drop,
+                                      "late_drop_error": c.late_drop_error,
                                       "final_accuracy": c.accuracy[-1], "steps": c.steps[-1],
                                       "samples": c.samples} for c in curves(traces)}

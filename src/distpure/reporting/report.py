@@ -385,13 +385,16 @@ def _convergence_lines(run: _Run) -> list[str]:
     found = curves(run.traces)
     if not found:
         return []
-    rows = [[c.owner, c.attack, c.steps[-1], f"{100 * c.accuracy[-1]:.1f}", f"{100 * c.late_drop:+.1f}",
+    rows = [[c.owner, c.attack, c.steps[-1], c.samples, f"{100 * c.accuracy[-1]:.1f}",
+             f"{100 * c.late_drop:+.1f} ± {100 * c.late_drop_error:.1f}",
              "converged" if c.converged else "**not converged**"] for c in found]
     return ["### Convergence", "",
             "Accuracy of the final iterate on the attacker's own EOT draws, and its fall over the "
-            f"last quarter of the iterations; a fall above {100 * TOLERANCE:.0f} point marks the "
-            "attack **not converged** (more iterations or EOT would likely break more samples).", "",
-            *_table(["defence (or victim)", "attack", "iterations", "own-draw accuracy %",
+            "last quarter of the iterations (the least-squares line, ± its standard error from the "
+            f"scatter of the draws); a fall above {100 * TOLERANCE:.0f} point marks the attack **not "
+            "converged** (more iterations or EOT would likely break more samples). A fall within "
+            "about twice its error may be the draws' noise alone: more samples narrow it.", "",
+            *_table(["defence (or victim)", "attack", "iterations", "samples attacked", "own-draw accuracy %",
                      "fall over last quarter (points)", "status"], rows), ""]
 
 
