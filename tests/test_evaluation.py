@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,8 +35,10 @@ from distpure.devices import describe_hardware
 from distpure.evaluation.cascade import breaking_record, cascade_sources, skipped_record
 from distpure.evaluation.config import (DefenseConfig, ExperimentConfig, load_experiment)
 from distpure.evaluation.records import RecordWriter, read_records, write_sorted
+from distpure.evaluation.resolved import claim_run_dir
+from distpure.evaluation.rundir import RunDirectory
 from distpure.evaluation.runner import run_experiment
-from distpure.evaluation.stats import accuracy, wilson_interval
+from distpure.evaluation.stats import accuracy, paired_difference, wilson_interval
 from distpure.evaluation.summary import format_table, interval_text, summarize
 from distpure.attacks.suite import AttackConfig
 from distpure.reporting.report import summary_json, write_report
@@ -244,6 +247,22 @@ def test_worst_case_is_per_threat_group_and_requires_clean():
     assert (rows["a"]["correct"], rows["b"]["correct"]) == (3, 3)
 
 
+def test_paired_worst_cases_keep_attacks_defined_for_one_side():
+    """A surrogate that runs against the guided defence only stays in its worst case (dropping
+    it would flatter that defence), and the comparison names both sides' attacks."""
+    config = ExperimentConfig(
+        defenses=[DefenseConfig("base", kind="none"), DefenseConfig("guided", kind="none")],
+        attacks=[AttackConfig("clean", kind="clean"), AttackConfig("pgd"),
+                 AttackConfig("surrogate", defenses=["guided"])], baseline="base")
+    right = {("base", "clean"): [1, 1], ("base", "pgd"): [0, 1],
+             ("guided", "clean"): [1, 1], ("guided", "pgd"): [1, 1], ("guided", "surrogate"): [0, 1]}
+    records = [{"index": i, "defense": d, "attack": a, "correct": bool(v)}
+               for (d, a), values in right.items() for i, v in enumerate(values)]
+    worst = next(c for c in summarize(records, config)["comparisons"] if c["column"] == "worst-case")
+    assert worst["over"] == ["clean", "pgd", "surrogate"] and worst["baseline_over"] == ["clean", "pgd"]
+    assert worst["expected"]["mean"] == 0.0  # sample 0 falls to the surrogate; without it, +50 points
+
+
 def _drawn(index: int, attack: str, predictions: list[int], **extra) -> dict:
     return {"index": index, "defense": "d", "attack": attack, "label": 1, "predictions": predictions, **extra}
 
@@ -402,7 +421,13 @@ def test_a_run_grows_by_attacks_appended_at_the_end(assets, reference_run, tmp_p
     shutil.copytree(reference_run, run_dir)
     extra = {"name": "bpda", "kind": "bpda", "eps": "8/255", "steps": 1, "start_from": "transfer"}
     grown = load_experiment(write_yaml(tmp_path / "grown.yaml", experiment(assets, attacks=ATTACKS + [extra])))
+    resolved = json.loads((run_dir / "resolved.json").read_text())
+    resolved["settings"]["attacks"]["bpda"] = {"iterations": 1, "eot_draws": 1}
+    claim_run_dir(RunDirectory(run_dir), grown, resolved)  # as a session killed right after it
+    assert not RunDirectory(run_dir).finished  # unfinished until the new attack's records exist
+    assert "Partial run" in write_report(run_dir).read_text()
     run_experiment(grown, run_dir, show_progress=False)
+    assert RunDirectory(run_dir).finished
     records = read_records(run_dir / "results.jsonl")
     assert [r for r in records if r["attack"] != "bpda"] == read_records(reference_run / "results.jsonl")
     assert len([r for r in records if r["attack"] == "bpda"]) == 2 * IMAGES_PER_CLASS * len(DEFENSES)
@@ -414,6 +439,19 @@ def test_a_run_grows_by_attacks_appended_at_the_end(assets, reference_run, tmp_p
     with pytest.raises(ValueError, match="different experiment"):
         run_experiment(load_experiment(write_yaml(tmp_path / "inserted.yaml", inserted)), run_dir,
                        show_progress=False)
+
+
+def test_paired_difference_intervals():
+    """The normal interval of the mean difference; no width without scatter is replaced by
+    Wilson's bound on what could still differ; one sample says nothing."""
+    result = paired_difference([0.5, -0.25, 1.0, 0.0])  # mean 0.3125, sd 0.5543, se 0.27717
+    assert result.mean == pytest.approx(0.3125) and result.total == 4
+    assert (result.low, result.high) == pytest.approx((0.3125 - 0.543243, 0.3125 + 0.543243), rel=1e-5)
+    flat = paired_difference([0.0] * 32)
+    assert flat.mean == 0.0 and flat.high == pytest.approx(2 * 3.841459 / (32 + 3.841459))
+    assert flat.low == pytest.approx(-flat.high)
+    assert (paired_difference([1.0]).low, paired_difference([1.0]).high) == (-1.0, 1.0)
+    assert paired_difference([]).total == 0
 
 
 def test_paired_differences_against_the_baseline(assets, reference_run, tmp_path):
@@ -439,8 +477,18 @@ def test_paired_differences_against_the_baseline(assets, reference_run, tmp_path
     worst = {i: min(expected("purified", a)[i] for a in ("clean", "transfer", "pgd"))
              - min(expected("none", a)[i] for a in ("clean", "transfer", "pgd")) for i in none}
     assert by_column["worst-case"]["expected"]["mean"] == pytest.approx(sum(worst.values()) / len(worst))
-    low, high = by_column["worst-case"]["expected"]["low"], by_column["worst-case"]["expected"]["high"]
-    assert low <= by_column["worst-case"]["expected"]["mean"] <= high
+    mean = sum(worst.values()) / len(worst)
+    half = 1.959964 * (sum((d - mean) ** 2 for d in worst.values()) / (len(worst) - 1) / len(worst)) ** 0.5
+    if half > 0:
+        assert by_column["worst-case"]["expected"]["low"] == pytest.approx(max(-1, mean - half))
+        assert by_column["worst-case"]["expected"]["high"] == pytest.approx(min(1, mean + half))
+    for scoring, right in (("worst", lambda p, y: all(q == y for q in p)),
+                           ("majority", lambda p, y: Counter(p).most_common(1)[0][0] == y
+                            and list(Counter(p).values()).count(max(Counter(p).values())) == 1)):
+        clean = {d: {r["index"]: float(right(r["predictions"], r["label"])) for r in records
+                     if (r["defense"], r["attack"]) == (d, "clean")} for d in ("purified", "none")}
+        assert by_column["clean"][scoring]["mean"] == pytest.approx(
+            sum(clean["purified"][i] - clean["none"][i] for i in none) / len(none))
     assert "### Paired differences against none" in write_report(run_dir).read_text()
     with pytest.raises(ValueError, match="baseline"):
         load_experiment(write_yaml(tmp_path / "bad.yaml", experiment(assets, baseline="nobody")))

@@ -111,8 +111,9 @@ def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict)
             raise ValueError(f"{files.root} holds a different experiment (its config.yaml differs: "
                              f"{changed}); use another --out directory or delete it, or append "
                              "new attacks after the stored ones")
-        if appended:
+        if appended:  # a finished run is unfinished again until the new attacks' records exist
             _LOG.info("extending %s with attacks %s", files.root, ", ".join(appended))
+            files.summary.unlink(missing_ok=True)
     if files.resolved.is_file():
         stored = _through_dataclasses(json.loads(files.resolved.read_text())["settings"])
         current_settings = {**resolved["settings"], "attacks": {

@@ -71,10 +71,16 @@ class Difference:
 
 
 def paired_difference(differences: list[float], z: float = 1.959964) -> Difference:
-    """The mean of per-sample differences of two defences' scores on the same samples, with a
-    normal interval (the paired test: what varies between images cancels, so it is far
-    narrower than two separate intervals)."""
-    if not differences:
-        return Difference(float("nan"), -1.0, 1.0, 0)
+    """The mean of per-sample differences of two defences' scores (each in [0, 1]) on the same
+    samples, with a normal interval (the paired test: what varies between images cancels, so it
+    is far narrower than two separate intervals). Where the differences do not scatter (all
+    equal, e.g. both defences wrong everywhere), the normal interval would have no width: the
+    half-width is then at least the range 2 times Wilson's bound z²/(n + z²) on the share of
+    samples that could still differ. One sample or none says nothing: [-1, 1]."""
+    total = len(differences)
+    if total < 2:
+        return Difference(differences[0] if differences else float("nan"), -1.0, 1.0, total)
     mean, half = _normal_interval(differences, z)
-    return Difference(mean, max(-1.0, mean - half), min(1.0, mean + half), len(differences))
+    if half == 0.0:
+        half = 2 * z * z / (total + z * z)
+    return Difference(mean, max(-1.0, mean - half), min(1.0, mean + half), total)

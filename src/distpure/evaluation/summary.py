@@ -74,20 +74,24 @@ def paired_comparisons(config: ExperimentConfig, outcomes: dict[tuple[str, str],
                        ) -> list[dict]:
     """Each defence's paired difference from ``config.baseline`` on clean images and on each
     threat group's worst case, on the samples both have, under every scoring (percent points
-    as fractions, with 95 % intervals): the comparison a claim "beats the baseline" needs."""
+    as fractions, with 95 % intervals): the comparison a claim "beats the baseline" needs. Each
+    side's worst case is over the attacks that ran against it (``over``, ``baseline_over``):
+    an attack defined for one defence only, such as a surrogate of its guidance, stays in."""
     if config.baseline is None:
         return []
     columns = {a.name: [a] for a in config.attacks if a.kind == "clean"} | worst_cases(config)
     comparisons = []
     for defense in (d.name for d in config.defenses if d.name != config.baseline):
         for column, group in columns.items():
-            sides = [worst_case_outcomes(outcomes, name, group if len(group) == 1 else _attacking(group, name))
-                     for name in (defense, config.baseline)]  # a single attack (clean) as it is
+            attacks = [group if len(group) == 1 else _attacking(group, name)  # a single attack (clean) as it is
+                       for name in (defense, config.baseline)]
+            sides = [worst_case_outcomes(outcomes, name, over) for name, over in zip((defense, config.baseline), attacks)]
             shared = sorted(set(sides[0]) & set(sides[1]))
             differences = {scoring: paired_difference([sides[0][i].by(scoring) - sides[1][i].by(scoring)
                                                        for i in shared]) for scoring in SCORINGS}
             comparisons.append({"defense": defense, "baseline": config.baseline, "column": column,
-                                "total": len(shared), **{
+                                "total": len(shared), "over": [a.name for a in attacks[0]],
+                                "baseline_over": [a.name for a in attacks[1]], **{
                                     scoring: {"mean": d.mean, "low": d.low, "high": d.high}
                                     for scoring, d in differences.items()}})
     return comparisons

@@ -214,9 +214,9 @@ def _order_warning(records: list[dict]) -> str:
 
 def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_dir: Path) -> str:
     config = run.config
-    # a partial run has no metadata yet but its sessions' hardware: the latest stands in
+    # a partial run has no (or an earlier, extended run's) metadata: its latest session stands in
     latest = {key: run.sessions[-1][key] for key in ("hardware", "processes")} if run.sessions else {}
-    meta = {**latest, **run.metadata}
+    meta = {**latest, **run.metadata} if run.finished else {**run.metadata, **latest}
     lines = [f"# {config.name}", ""]
     if config.description:
         lines += [config.description.strip(), ""]
@@ -473,12 +473,18 @@ def _comparison_lines(run: _Run) -> list[str]:
     rows = [[c["defense"], c["column"], c["total"],
              *(str(Difference(**c[s], total=c["total"])) if c["total"] else "–" for s in SCORINGS),
              run.cost.get(c["defense"], "–")] for c in comparisons]
+    uneven = [f"- {c['defense']} / {c['column']}: only against {c['defense']}: "
+              f"{', '.join(a for a in c['over'] if a not in c['baseline_over']) or 'none'}; only against "
+              f"{baseline}: {', '.join(a for a in c['baseline_over'] if a not in c['over']) or 'none'}"
+              for c in comparisons if set(c["over"]) != set(c["baseline_over"]) and c["total"]]
     return [f"### Paired differences against {baseline}", "",
             f"Per sample, a defence's score minus {baseline}'s on the same image (clean, or the worst "
             "case of a threat group), averaged over the samples both have, in points, with a 95 % "
             "normal interval: an interval that excludes 0 is a difference the sample shows.", "",
             *_table(["defence", "against", "n", *(f"{SCORING_LABELS[s]} Δ" for s in SCORINGS),
-                     "denoiser calls / image"], rows), ""]
+                     "denoiser calls / image"], rows), "",
+            *(["Each worst case is over the attacks that ran against that defence; these differ:", "",
+               *uneven, ""] if uneven else [])]
 
 
 def _pareto_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
