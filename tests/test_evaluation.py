@@ -787,6 +787,13 @@ def test_report_of_a_finished_run(assets, reference_run, capsys):
                 f"{100 * worst_rows[defense]['accuracy']:.1f} | {calls} |") in text
     assert (reference_run / "plots" / "pareto_worst-case.png").is_file()
 
+    # at a glance: the three scorings per cell, and the attack with the lowest headline accuracy
+    rows_by = {(r["defense"], r["attack"]): r for r in summary["rows"]}
+    glance = lambda row: " / ".join(f"{100 * row[f'{s}_accuracy']:.1f}" for s in ("expected", "worst", "majority"))
+    strongest = min(("transfer", "pgd"), key=lambda a: rows_by["purified", a]["accuracy"])
+    assert (f"| purified | {glance(rows_by['purified', 'clean'])} | {glance(rows_by['purified', 'worst-case'])} | "
+            f"{strongest} ({100 * rows_by['purified', strongest]['accuracy']:.1f}) |") in text
+
     assert "### Convergence" in text and (reference_run / "plots" / "convergence_pgd.png").is_file()
     assert main(["report", str(reference_run), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

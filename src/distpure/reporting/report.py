@@ -255,6 +255,7 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
         lines += [f"### {SCORING_LABELS[scoring]}" + (" (headline)" if scoring == order[0] else ""), "",
                   f"{SCORING_LABELS[scoring].capitalize()}: {SCORING_MEANINGS[scoring]}.", "",
                   *_table(["defence", *attacks], table_rows, ["---", *[":---:"] * len(attacks)]), ""]
+    lines += _glance_lines(run)
     lines += _pareto_lines(run)
     lines += _comparison_lines(run)
     lines += _cascade_lines(run)
@@ -462,6 +463,38 @@ def _pareto_lines(run: _Run) -> list[str]:
         lines += [f"### Trade-off: clean vs {group} ({SCORING_LABELS[run.config.evaluation.headline]})", "",
                   *_table(["defence", "clean %", "worst case %", "denoiser calls / image", "Pareto"], rows), ""]
     return lines
+
+
+def _glance_lines(run: _Run) -> list[str]:
+    """The table to paste into a paper: per defence, clean and each threat group's worst case
+    under the three scorings, and the group's single strongest attack by the headline."""
+    groups = worst_cases(run.config)
+    clean = [a.name for a in run.config.attacks if a.kind == "clean"]
+    rows = []
+    for defense in run.config.defenses:
+        cells = [_scorings_cell(run.row(defense.name, name)) for name in clean]
+        for name, group in groups.items():
+            attacked = [run.row(defense.name, a.name) for a in group
+                        if a.kind != "clean" and a.applies_to(defense.name)]
+            strongest = min((r for r in attacked if r["total"]), key=lambda r: r["accuracy"], default=None)
+            cells += [_scorings_cell(run.row(defense.name, name)),
+                      "–" if strongest is None else f"{strongest['attack']} ({100 * strongest['accuracy']:.1f})"]
+        rows.append([defense.name, *cells])
+    header = ["defence", *clean, *(h for name in groups for h in (name, f"strongest of {name}"))]
+    cascade = (" Under the cascade an attack's column also counts the samples earlier attacks of "
+               "its group broke in every draw, so this is the attack that finished the job, not one "
+               "that did it alone." if run.config.evaluation.cascade else "")
+    return [f"### At a glance: {' / '.join(SCORING_LABELS[s] for s in SCORINGS)} (%)", "",
+            "The worst case per sample over each threat group's attacks (clean included), and the "
+            f"attack with the lowest {SCORING_LABELS[run.config.evaluation.headline]} accuracy." + cascade, "",
+            *_table(header, rows), ""]
+
+
+def _scorings_cell(row: dict) -> str:
+    """``75.4 / 53.1 / 75.0``: the three scorings of one row, or – where it has no samples."""
+    if not row["total"]:
+        return "–"
+    return " / ".join(f"{100 * row[f'{s}_accuracy']:.1f}" for s in SCORINGS)
 
 
 def _comparison_lines(run: _Run) -> list[str]:
