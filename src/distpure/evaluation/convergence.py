@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 TOLERANCE = 0.01  # one point of accuracy
 
@@ -26,14 +27,15 @@ class Curve:
         """How much accuracy fell over the last quarter of the iterations: the least-squares
         line through its points, from its first to its last iteration (less at the mercy of
         one noisy iteration than the difference of two points)."""
-        return self._late_line()[0]
+        return self._late_line[0]
 
     @property
     def late_drop_error(self) -> float:
         """The standard error of ``late_drop`` from the scatter about the line (the noise of
         the attacker's own draws): a fall within about two of it may be noise alone."""
-        return self._late_line()[1]
+        return self._late_line[1]
 
+    @cached_property  # read by both properties above, per report row
     def _late_line(self) -> tuple[float, float]:
         first = (3 * (len(self.accuracy) - 1)) // 4
         xs, ys = self.steps[first:], self.accuracy[first:]
