@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distpure.config import parse_overrides
+from distpure.config import load_yaml, parse_overrides
 from distpure.evaluation.config import load_experiment
 
 DEFENSES = [{"name": "none", "kind": "none"},
@@ -113,6 +113,14 @@ def test_set_reaches_list_items_by_name(tmp_path: Path) -> None:
     assert defenses["purified"].purifier == {"guidance": "victim", "num_steps": 2, "t_star": 50}
     assert defenses["jpeg"].preprocessing == {"name": "jpeg", "quality": 30}
     assert [attack.name for attack in config.attacks] == [attack["name"] for attack in ATTACKS]
+
+
+@pytest.mark.parametrize("text, value", [("2e-4", 2e-4), ("-1E3", -1000.0), (".5e+1", 5.0), ("1.0e-4", 1e-4),
+                                         ("3", 3), ("0x1f", 31), ("1e", "1e"), ("e5", "e5"), ("v2e-4", "v2e-4")])
+def test_exponent_floats_read_as_floats_in_files_and_overrides(tmp_path: Path, text: str, value) -> None:
+    (tmp_path / "lr.yaml").write_text(f"learning_rate: {text}\n")
+    from_file, from_override = load_yaml(tmp_path / "lr.yaml")["learning_rate"], parse_overrides([f"lr={text}"])["lr"]
+    assert from_file == from_override == value and type(from_file) is type(value)
 
 
 @pytest.mark.parametrize("pair, message", [

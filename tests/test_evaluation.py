@@ -298,7 +298,8 @@ def test_three_scorings_of_scoring_draws():
 
 @pytest.mark.parametrize("changes, message", [
     ({"batch_size": 0}, "batch_size"), ({"data": {"limit": 0}}, "data.limit"),
-    ({"defenses": [{"name": "d", "purifier": {"frozen_noise": True}}]}, "frozen_noise is a threat model")])
+    ({"defenses": [{"name": "d", "purifier": {"frozen_noise": True}}]}, "frozen_noise is a threat model"),
+    ({"defenses": [{"name": "d", "kind": "none", "diffusion": "m"}]}, "only a purifier uses one")])
 def test_bad_run_settings_are_refused(changes, message):
     values = {"defenses": [{"name": "d", "kind": "none"}], "attacks": [{"name": "c", "kind": "clean"}], **changes}
     with pytest.raises(ValueError, match=message):
@@ -505,10 +506,37 @@ def test_a_run_from_before_a_new_setting_resumes(assets, config_path, reference_
     resolved = json.loads((run_dir / "resolved.json").read_text())  # and resolved.json without them
     del resolved["settings"]["evaluation"]["cascade"]
     del resolved["settings"]["defenses"]["purified"]["purifier"]["sampler"]
+    del resolved["settings"]["defenses"]["purified"]["diffusion"]  # purifiers ran models.diffusion
     (run_dir / "resolved.json").write_text(json.dumps(resolved))
     run_experiment(load_experiment(config_path), run_dir, show_progress=False)
     assert "eot_batch" in (run_dir / "config.yaml").read_text()
     assert "cascade" in (run_dir / "resolved.json").read_text()
+
+
+def test_each_purifier_may_run_its_own_diffusion_model(assets, reference_run, tmp_path):
+    """``diffusion`` on a defence compares two models on the same images in one run: each
+    defence is built on its own model, the resolved settings name it, and a resumed run with
+    another model for a defence is refused."""
+    from distpure.evaluation.runner import build_defenses
+
+    other = tmp_path / "other-diffusion"
+    shutil.copytree(assets.diffusion, other)
+    defenses = [*DEFENSES, {**DEFENSES[1], "name": "other", "diffusion": str(other)}]
+    config = load_experiment(write_yaml(tmp_path / "two.yaml", experiment(assets, defenses=defenses)))
+    built = build_defenses(config, torch.device("cpu"))
+    assert built["purified"].purifier.diffusion is not built["other"].purifier.diffusion
+    run_dir = tmp_path / "two"
+    run_experiment(config, run_dir, show_progress=False)
+    settings = json.loads((run_dir / "resolved.json").read_text())["settings"]["defenses"]
+    assert (settings["purified"]["diffusion"], settings["other"]["diffusion"]) == (str(assets.diffusion), str(other))
+    assert settings["none"]["diffusion"] is None
+    records = read_records(run_dir / "results.jsonl")
+    assert [r for r in records if r["defense"] != "other"] == read_records(reference_run / "results.jsonl")
+
+    swapped = [*DEFENSES, {**DEFENSES[1], "name": "other", "diffusion": str(assets.diffusion)}]
+    with pytest.raises(ValueError, match="different experiment"):
+        run_experiment(load_experiment(write_yaml(tmp_path / "swapped.yaml", experiment(assets, defenses=swapped))),
+                       run_dir, show_progress=False)
 
 
 def test_resuming_with_other_resolved_settings_is_refused(assets, config_path, reference_run, tmp_path,

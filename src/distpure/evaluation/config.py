@@ -57,7 +57,8 @@ class ModelsConfig:
 
 @dataclass
 class DefenseConfig:
-    """One defence. ``purifier`` overrides the recommended purifier settings; ``preprocessing``
+    """One defence. ``purifier`` overrides the recommended purifier settings and ``diffusion``
+    the experiment's diffusion model (to compare models on the same images); ``preprocessing``
     names a baseline (``{"name": "jpeg", "quality": 75}``); ``classifier`` replaces the victim
     (e.g. an adversarially trained model, ``robustbench:<zoo model>``) with no purification,
     built with ``classifier_options`` as ``models.victim`` is with ``victim_options``."""
@@ -69,6 +70,7 @@ class DefenseConfig:
     classifier: str | None = None
     classifier_arch: str | None = None
     classifier_options: dict = field(default_factory=dict)
+    diffusion: str | None = None
     votes: int = 1
 
     def __post_init__(self) -> None:
@@ -78,6 +80,8 @@ class DefenseConfig:
         for kind in ("purifier", "preprocessing", "classifier"):
             if getattr(self, kind) and self.kind != kind:
                 raise ValueError(f"{kind!r} is set, but it applies to kind {kind!r}, not {self.kind!r}")
+        if self.diffusion is not None and self.kind != "purifier":
+            raise ValueError(f"'diffusion' is set, but only a purifier uses one, not kind {self.kind!r}")
         if self.purifier.get("frozen_noise"):
             raise ValueError("frozen_noise is a threat model: set it on the attacks (attack.frozen_noise), "
                              "which fix one draw per sample shared by attacker and scorer")
@@ -169,6 +173,10 @@ class ExperimentConfig:
                 if unfit:
                     raise ValueError(f"attack {attack.name!r}: deviation (DiffAttack's loss) needs a diffusion "
                                      f"purifier; limit it with 'defenses' to leave out {', '.join(unfit)}")
+
+    def diffusion_for(self, defense: DefenseConfig) -> str:
+        """The diffusion model a ``purifier`` defence runs: its own, else the experiment's."""
+        return defense.diffusion or self.models.diffusion
 
     def purifier_config(self, defense: DefenseConfig) -> PurifierConfig:
         """The purifier settings a ``purifier`` defence runs with: the dataset's recommended

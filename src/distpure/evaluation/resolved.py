@@ -41,7 +41,8 @@ def resolved_settings(config: ExperimentConfig, defenses: dict[str, DefendedClas
             "kind": spec.kind, "votes": defense.votes, "stochastic": defense.stochastic,
             "purifier": asdict(purifier_config) if is_dataclass(purifier_config) else None,
             "preprocessing": spec.preprocessing or None,
-            "classifier": spec.classifier if spec.kind == "classifier" else config.models.victim}
+            "classifier": spec.classifier if spec.kind == "classifier" else config.models.victim,
+            "diffusion": config.diffusion_for(spec) if spec.kind == "purifier" else None}
     attacks = {a.name: {"iterations": a.iterations, "eot_draws": a.eot_draws} for a in config.attacks}
     cost = {spec.name: {"denoiser_calls": defenses[spec.name].denoiser_calls} for spec in config.defenses}
     return {"distpure": package_version(), "cost": cost, "settings": {
@@ -64,12 +65,14 @@ def differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
 def _through_dataclasses(settings: dict) -> dict:
     """Stored resolved settings with the scoring and purifier settings read through today's
     dataclasses, as ``config.yaml`` is: a setting added since (at its default, which keeps the
-    old behaviour) is no change, while a changed default of an existing setting still shows."""
+    old behaviour) is no change, while a changed default of an existing setting still shows.
+    A run from before per-defence diffusion models ran every purifier on the experiment's."""
     settings = dict(settings)
     if "evaluation" in settings:
         settings["evaluation"] = asdict(from_dict(EvaluationConfig, settings["evaluation"]))
     settings["defenses"] = {
-        name: {**spec, "purifier": asdict(from_dict(PurifierConfig, spec["purifier"]))
+        name: {"diffusion": settings.get("diffusion") if spec.get("purifier") is not None else None,
+               **spec, "purifier": asdict(from_dict(PurifierConfig, spec["purifier"]))
                if spec.get("purifier") is not None else None}
         for name, spec in settings.get("defenses", {}).items()}
     return settings

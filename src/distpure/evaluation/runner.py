@@ -104,7 +104,7 @@ def check_compatible(config: ExperimentConfig, data: LabelledImages,
         diffusion = getattr(defense.purifier, "diffusion", None)
         if diffusion is not None and tuple(sample.shape[1:]) != (
                 diffusion.image_channels, diffusion.sample_size, diffusion.sample_size):
-            raise ValueError(f"defence {spec.name!r}: diffusion model {config.models.diffusion!r} works on "
+            raise ValueError(f"defence {spec.name!r}: diffusion model {config.diffusion_for(spec)!r} works on "
                              f"{diffusion.image_channels} x {diffusion.sample_size}x{diffusion.sample_size} "
                              f"images but the {config.data.dataset} images are "
                              f"{sample.shape[1]} x {sample.shape[2]}x{sample.shape[3]}")
@@ -117,15 +117,16 @@ def check_compatible(config: ExperimentConfig, data: LabelledImages,
 
 
 def build_defenses(config: ExperimentConfig, device: torch.device) -> dict[str, DefendedClassifier]:
-    """Every configured defence, sharing one victim and one diffusion model."""
+    """Every configured defence, sharing one victim and each diffusion model (loaded once)."""
     victim = load_classifier(config.models.victim, arch=config.models.victim_arch, device=device,
                              **config.models.victim_options)
-    needs_diffusion = any(d.kind == "purifier" for d in config.defenses)
-    diffusion = load_diffusion(config.models.diffusion).to(device) if needs_diffusion else None
-    return {d.name: _build_defense(d, config, victim, diffusion, device) for d in config.defenses}
+    names = {config.diffusion_for(d) for d in config.defenses if d.kind == "purifier"}
+    diffusions = {name: load_diffusion(name).to(device) for name in sorted(names)}
+    return {d.name: _build_defense(d, config, victim, diffusions, device) for d in config.defenses}
 
 
-def _build_defense(spec: DefenseConfig, config: ExperimentConfig, victim, diffusion, device) -> DefendedClassifier:
+def _build_defense(spec: DefenseConfig, config: ExperimentConfig, victim, diffusions: dict,
+                   device) -> DefendedClassifier:
     if spec.kind == "none":
         return DefendedClassifier(victim, None)
     if spec.kind == "classifier":
@@ -134,7 +135,8 @@ def _build_defense(spec: DefenseConfig, config: ExperimentConfig, victim, diffus
         return DefendedClassifier(robust, None)
     if spec.kind == "preprocessing":
         return DefendedClassifier(victim, spec.build_preprocessing(), spec.votes)
-    return build_purified_classifier(victim, diffusion, config.purifier_config(spec), spec.votes)
+    return build_purified_classifier(victim, diffusions[config.diffusion_for(spec)],
+                                     config.purifier_config(spec), spec.votes)
 
 
 @dataclass
