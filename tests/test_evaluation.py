@@ -442,6 +442,25 @@ def test_a_run_grows_by_attacks_appended_at_the_end(assets, reference_run, tmp_p
                        show_progress=False)
 
 
+def test_time_summary_by_hand():
+    """Per pair: seconds, samples attacked, seconds per attacked sample; a unit timed twice (redone
+    after a resume) counts once; without the cascade each pair's units would attack all samples."""
+    from distpure.evaluation.timing import time_summary, unit_timing
+
+    kept, skipped = {"attack": "a"}, {"attack": "a", "skipped_by": "t"}
+    timings = [unit_timing("d", "a", 0, 99.0, [kept] * 4),  # killed, then redone:
+               unit_timing("d", "a", 0, 8.0, [kept, kept, skipped, skipped]),
+               unit_timing("d", "a", 1, 0.5, [skipped] * 4),
+               unit_timing("d", "clean", 0, 1.0, [kept] * 4)]
+    summary = time_summary(timings)
+    pairs = {p["attack"]: p for p in summary["pairs"]}
+    assert summary["units"] == 3 and summary["seconds"] == pytest.approx(9.5)
+    assert (pairs["a"]["attacked"], pairs["a"]["samples"], pairs["a"]["units"]) == (2, 8, 2)
+    assert pairs["a"]["seconds_per_attacked_sample"] == pytest.approx(8.5 / 2)
+    assert summary["seconds_without_cascade"] == pytest.approx(8.5 / 2 * 8 + 1.0)
+    assert time_summary([unit_timing("d", "a", 0, 0.1, [skipped])])["pairs"][0]["seconds_per_attacked_sample"] is None
+
+
 def test_paired_difference_intervals():
     """The normal interval of the mean difference; no width without scatter is replaced by
     Wilson's bound on what could still differ; one sample says nothing."""
@@ -655,7 +674,15 @@ def test_a_cascaded_run_attacks_only_unbroken_samples_and_resumes_the_same(asset
     assert {d: sum(t["n"] for t in traces if t["owner"] == d and t["attack"] == "pgd") for d in attacked} == attacked
     assert summary["cascade"]["skipped"] == len(skipped) and 0 < summary["cascade"]["saved_fraction"] < 1
     assert "cascade: skipped" in format_table(summary)
-    assert "### Cascade" in write_report(run_dir).read_text()
+    report = write_report(run_dir).read_text()
+    assert "### Cascade" in report and "### Time" in report
+    timings = read_records(run_dir / "timings.jsonl")  # one line per unit, its attacked samples counted
+    assert len(timings) == 3 * len(DEFENSES) * len(ATTACKS)  # 12 images in batches of 4
+    for unit in timings:
+        batch = [r for r in records if r["defense"] == unit["defense"] and r["attack"] == unit["attack"]
+                 and r["index"] // BATCH_SIZE == unit["batch"]]
+        assert (unit["samples"], unit["attacked"]) == (len(batch), sum("skipped_by" not in r for r in batch))
+    assert summary_json(run_dir)["time"]["units"] == len(timings)
 
     kept = [r for r in records if r["attack"] != "pgd"]
     rerun = tmp_path / "rerun"

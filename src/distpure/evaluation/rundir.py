@@ -7,6 +7,8 @@
 - ``warnings.jsonl``: what attacks warned about (AutoAttack's checks), per defence and attack;
 - ``traces.jsonl``: each crafted batch's convergence trace (per iteration: the attacker's mean
   loss and its accuracy on its own draws), per defence (or victim, for transfer) and attack;
+- ``timings.jsonl``: each (defence, attack, batch) unit's wall time and how many samples it
+  attacked (see ``timing``);
 - ``sessions.jsonl``: when each (resumed) session of the run started, and on what hardware and
   resolved precision (a long run may be resumed on other machines);
 - ``metadata.json``, ``summary.json``: written when the run finishes;
@@ -31,6 +33,7 @@ class RunDirectory:
         self.results = self.root / "results.jsonl"
         self.warnings = self.root / "warnings.jsonl"
         self.traces = self.root / "traces.jsonl"
+        self.timings = self.root / "timings.jsonl"
         self.sessions = self.root / "sessions.jsonl"
         self.metadata = self.root / "metadata.json"
         self.summary = self.root / "summary.json"
@@ -66,6 +69,9 @@ class RunDirectory:
 
     def read_sessions(self) -> list[dict]:
         return read_records(self.sessions)
+
+    def read_timings(self) -> list[dict]:
+        return read_records(self.timings)
 
     def read_warnings(self) -> list[dict]:
         return read_records(self.warnings)

@@ -33,6 +33,7 @@ from .records import Key, RecordWriter, check_dataset_indices, record_key, write
 from .resolved import claim_run_dir, resolved_settings
 from .rundir import RunDirectory
 from .summary import summarize
+from .timing import unit_timing
 
 EXAMPLES_PER_PAIR = 8
 _LOG = logging.getLogger("distpure")
@@ -68,9 +69,12 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
             crafted: dict[tuple[str, str], Crafted] = {}
             for defense_config, attack in pairs:
                 if not all((i, defense_config.name, attack.name) in written for i in batch.indices):
+                    started = time.monotonic()
                     records = _evaluate_batch(batch, defenses[defense_config.name], defense_config,
                                               attack, crafted)
                     writer.write(records)
+                    _append_jsonl(files.timings, unit_timing(defense_config.name, attack.name, batch_index,
+                                                             time.monotonic() - started, records))
                     written.update((record_key(r), r) for r in records)
                     if shard.is_main:  # a unit can take an hour: a killed session keeps its time
                         clock.save()

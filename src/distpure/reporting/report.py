@@ -26,6 +26,7 @@ from ..evaluation.protocol import SCORINGS
 from ..evaluation.rundir import RunDirectory
 from ..evaluation.stats import Difference
 from ..evaluation.summary import SCORING_LABELS, interval_text, summarize, worst_cases
+from ..evaluation.timing import time_summary
 
 CSV_FILE = RunDirectory(".").csv.name
 SCORING_MEANINGS = {
@@ -59,7 +60,8 @@ def summary_json(run_dir: str | Path) -> dict:
     return _json_ready({**run.summary, "run_dir": str(run_dir), "finished": run.finished,
                         "samples": run.samples, "samples_per_class": run.samples_per_class,
                         "records": len(run.records), "metadata": run.metadata,
-                        "warnings": run.warnings, "convergence": convergence_summary(run.traces)})
+                        "warnings": run.warnings, "convergence": convergence_summary(run.traces),
+                        "time": time_summary(run.timings)})
 
 
 class _Run:
@@ -67,13 +69,14 @@ class _Run:
 
     def __init__(self, config: ExperimentConfig, records: list[dict], metadata: dict,
                  finished: bool, resolved: dict | None = None, warnings: list[dict] | None = None,
-                 traces: list[dict] | None = None) -> None:
+                 traces: list[dict] | None = None, timings: list[dict] | None = None) -> None:
         self.config = config
         self.records = records
         self.metadata = metadata
         self.finished = finished
         self.warnings = warnings or []
         self.traces = traces or []
+        self.timings = timings or []
         self.sessions: list[dict] = []
         self.summary = summarize(records, config)
         self.samples = len({r["index"] for r in records})
@@ -89,7 +92,7 @@ class _Run:
             raise FileNotFoundError(f"{files.root}: not a run directory (no config.yaml)")
         resolved = json.loads(files.resolved.read_text()) if files.resolved.is_file() else None
         run = cls(load_experiment(files.config), files.records(), files.read_metadata(), files.finished,
-                  resolved, files.read_warnings(), files.read_traces())
+                  resolved, files.read_warnings(), files.read_traces(), files.read_timings())
         run.sessions = files.read_sessions()
         return run
 
@@ -259,6 +262,7 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
     lines += _pareto_lines(run)
     lines += _comparison_lines(run)
     lines += _cascade_lines(run)
+    lines += _time_lines(run)
     lines += _convergence_lines(run)
     if run.warnings:
         lines += ["### Warnings from the attacks", ""]
@@ -378,6 +382,25 @@ def _cascade_lines(run: _Run) -> list[str]:
             f"{cascade['skipped']} of {cascade['records']} (sample, defence, attack) records, "
             f"{100 * cascade['saved_fraction']:.0f} % of the purifier passes (gradient passes and "
             "scoring draws, each counted once)" + (": " + "; ".join(skipped) if skipped else "") + ".", ""]
+
+
+def _time_lines(run: _Run) -> list[str]:
+    """Where the timed units' time went, per (defence, attack), and about what the cascade saved."""
+    timed = time_summary(run.timings)
+    if not timed["units"]:
+        return []
+    rows = [[p["defense"], p["attack"], p["units"], p["attacked"], _duration(p["seconds"]),
+             "–" if p["seconds_per_attacked_sample"] is None else f"{p['seconds_per_attacked_sample']:.1f}"]
+            for p in sorted(timed["pairs"], key=lambda p: -p["seconds"])]
+    saving = (f"; attacking every sample of these units (no cascade) would have taken about "
+              f"{_duration(timed['seconds_without_cascade'])} at each pair's cost per attacked sample"
+              if run.config.evaluation.cascade else "")
+    return ["### Time", "",
+            f"{timed['units']} (batch, defence, attack) units timed, {_duration(timed['seconds'])} of "
+            "process time in all (each unit runs in one process; warm-start sources it had to "
+            f"craft included){saving}.", "",
+            *_table(["defence", "attack", "units", "samples attacked", "process time", "s per attacked sample"],
+                    rows), ""]
 
 
 def _convergence_lines(run: _Run) -> list[str]:
