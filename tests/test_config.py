@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distpure.config import load_yaml, parse_overrides
+from distpure.config import dump_yaml, load_yaml, parse_overrides
 from distpure.evaluation.config import load_experiment
 
 DEFENSES = [{"name": "none", "kind": "none"},
@@ -121,6 +121,8 @@ def test_exponent_floats_read_as_floats_in_files_and_overrides(tmp_path: Path, t
     (tmp_path / "lr.yaml").write_text(f"learning_rate: {text}\n")
     from_file, from_override = load_yaml(tmp_path / "lr.yaml")["learning_rate"], parse_overrides([f"lr={text}"])["lr"]
     assert from_file == from_override == value and type(from_file) is type(value)
+    (tmp_path / "round.yaml").write_text(dump_yaml({"as_string": text, "as_value": value}))
+    assert load_yaml(tmp_path / "round.yaml") == {"as_string": text, "as_value": value}  # what a run stores
 
 
 @pytest.mark.parametrize("pair, message", [

@@ -8,6 +8,7 @@ module on sys.path here and on the ``python -m distpure`` subprocesses' PYTHONPA
 """
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import os
@@ -299,7 +300,8 @@ def test_three_scorings_of_scoring_draws():
 @pytest.mark.parametrize("changes, message", [
     ({"batch_size": 0}, "batch_size"), ({"data": {"limit": 0}}, "data.limit"),
     ({"defenses": [{"name": "d", "purifier": {"frozen_noise": True}}]}, "frozen_noise is a threat model"),
-    ({"defenses": [{"name": "d", "kind": "none", "diffusion": "m"}]}, "only a purifier uses one")])
+    ({"defenses": [{"name": "d", "kind": "none", "diffusion": "m"}]}, "only a purifier uses one"),
+    ({"defenses": [{"name": "d", "diffusion": ""}]}, "diffusion must name a model")])
 def test_bad_run_settings_are_refused(changes, message):
     values = {"defenses": [{"name": "d", "kind": "none"}], "attacks": [{"name": "c", "kind": "clean"}], **changes}
     with pytest.raises(ValueError, match=message):
@@ -448,7 +450,7 @@ def test_time_summary_by_hand():
     from distpure.evaluation.timing import time_summary, unit_timing
 
     kept, skipped = {"attack": "a"}, {"attack": "a", "skipped_by": "t"}
-    timings = [unit_timing("d", "a", 0, 99.0, [kept] * 4),  # killed, then redone:
+    timings = [unit_timing("d", "a", 0, 99.0, [kept] * 4),  # redone, after its records were deleted:
                unit_timing("d", "a", 0, 8.0, [kept, kept, skipped, skipped]),
                unit_timing("d", "a", 1, 0.5, [skipped] * 4),
                unit_timing("d", "clean", 0, 1.0, [kept] * 4)]
@@ -518,6 +520,8 @@ def test_a_run_from_before_a_new_setting_resumes(assets, config_path, reference_
     """A setting added since (stored config.yaml without it) takes its default: no difference."""
     run_dir = tmp_path / "older"
     shutil.copytree(reference_run, run_dir)
+    (run_dir / "timings.jsonl").unlink()
+    assert summary_json(run_dir)["time"] is None and "### Time" not in write_report(run_dir).read_text()
     stored = yaml.safe_load((run_dir / "config.yaml").read_text())
     for attack in stored["attacks"]:
         del attack["eot_batch"]
@@ -551,7 +555,16 @@ def test_each_purifier_may_run_its_own_diffusion_model(assets, reference_run, tm
     assert settings["none"]["diffusion"] is None
     records = read_records(run_dir / "results.jsonl")
     assert [r for r in records if r["defense"] != "other"] == read_records(reference_run / "results.jsonl")
+    report = write_report(run_dir).read_text()
+    assert f"diffusion `{assets.diffusion}`, `{other}`" in report and f"diffusion={other}" in report
+    csv_rows = list(csv.DictReader(open(run_dir / "results.csv", encoding="utf-8")))
+    assert {(r["defense"], r["diffusion"]) for r in csv_rows} == {
+        ("none", ""), ("purified", str(assets.diffusion)), ("other", str(other))}
 
+    missing = [*DEFENSES, {**DEFENSES[1], "name": "lost", "diffusion": str(tmp_path / "no-such-model")}]
+    with pytest.raises(ValueError, match="diffusion model of defence.s. lost: .*neither a registered model"):
+        build_defenses(load_experiment(write_yaml(tmp_path / "lost.yaml", experiment(assets, defenses=missing))),
+                       torch.device("cpu"))
     swapped = [*DEFENSES, {**DEFENSES[1], "name": "other", "diffusion": str(assets.diffusion)}]
     with pytest.raises(ValueError, match="different experiment"):
         run_experiment(load_experiment(write_yaml(tmp_path / "swapped.yaml", experiment(assets, defenses=swapped))),

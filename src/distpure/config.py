@@ -19,12 +19,23 @@ class _Loader(yaml.SafeLoader):
     YAML 1.2 and every researcher typing a learning rate do (YAML 1.1 makes them strings)."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
-                              list("-+.0123456789"))
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting strings that ``_Loader`` would read as floats (``"1e5"``)."""
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
 
 
 def _parse_yaml(text: str) -> Any:
+    """YAML text as Python values, exponent floats included."""
     return yaml.load(text, Loader=_Loader)
+
+
+def dump_yaml(values: Any) -> str:
+    """``values`` as YAML that ``load_yaml`` reads back unchanged (keys sorted)."""
+    return yaml.dump(values, Dumper=_Dumper, sort_keys=True)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
+
+from ..config import dump_yaml
 
 # Runs argv[1:] and prints its exit code and ru_maxrss (KiB on Linux) as the helper's last line.
 _HELPER = ("import resource, subprocess, sys; "
@@ -71,7 +72,7 @@ def evaluate_peak_rss(limit: int, data_root: str | None = None) -> dict:
                   "attacks": [{"name": "clean", "kind": "clean"}], "device": "cpu", "batch_size": 256}
     with tempfile.TemporaryDirectory(prefix="distpure-memory-") as tmp:
         config = Path(tmp) / "memory.yaml"
-        config.write_text(yaml.safe_dump(experiment))
+        config.write_text(dump_yaml(experiment))
         return _measure("evaluate", limit, [sys.executable, "-m", "distpure", "evaluate", str(config),
                                             "--out", str(Path(tmp) / "run")])
 

@@ -80,6 +80,8 @@ class DefenseConfig:
         for kind in ("purifier", "preprocessing", "classifier"):
             if getattr(self, kind) and self.kind != kind:
                 raise ValueError(f"{kind!r} is set, but it applies to kind {kind!r}, not {self.kind!r}")
+        if self.diffusion == "":
+            raise ValueError("diffusion must name a model (or be left out for models.diffusion), got ''")
         if self.diffusion is not None and self.kind != "purifier":
             raise ValueError(f"'diffusion' is set, but only a purifier uses one, not kind {self.kind!r}")
         if self.purifier.get("frozen_noise"):

@@ -8,9 +8,8 @@ import logging
 from dataclasses import asdict, is_dataclass
 from importlib import metadata as importlib_metadata
 
-import yaml
 
-from ..config import from_dict
+from ..config import dump_yaml, from_dict
 from ..defenses.defended import DefendedClassifier
 from ..defenses.purifier import PurifierConfig
 from .config import PRESENTATION_FIELDS, EvaluationConfig, ExperimentConfig, load_experiment
@@ -127,5 +126,5 @@ def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict)
                              f"({'; '.join(changed[:8])}); resuming would mix two defences in one "
                              "results file: finish it with the version that started it, or use "
                              "another --out directory")
-    files.config.write_text(yaml.safe_dump(asdict(config), sort_keys=True))
+    files.config.write_text(dump_yaml(asdict(config)))
     files.resolved.write_text(json.dumps(resolved, indent=2, sort_keys=True))

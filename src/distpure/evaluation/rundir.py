@@ -71,6 +71,7 @@ class RunDirectory:
         return read_records(self.sessions)
 
     def read_timings(self) -> list[dict]:
+        """Every timed unit (a run from before timings were kept has none)."""
         return read_records(self.timings)
 
     def read_warnings(self) -> list[dict]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ..attacks.suite import AttackConfig, Crafted, craft
@@ -21,7 +22,7 @@ from ..defenses.defended import DefendedClassifier
 from ..defenses.recommended import build_purified_classifier
 from ..devices import hardware, resolve_device
 from ..models.classifiers import load_classifier
-from ..models.diffusion import load_diffusion
+from ..models.diffusion import NoisePredictor, load_diffusion
 from ..models.weights import save_tensors
 from .config import DefenseConfig, ExperimentConfig
 from .distributed import Shard, current_shard, finish, shard_device
@@ -124,13 +125,24 @@ def build_defenses(config: ExperimentConfig, device: torch.device) -> dict[str, 
     """Every configured defence, sharing one victim and each diffusion model (loaded once)."""
     victim = load_classifier(config.models.victim, arch=config.models.victim_arch, device=device,
                              **config.models.victim_options)
-    names = {config.diffusion_for(d) for d in config.defenses if d.kind == "purifier"}
-    diffusions = {name: load_diffusion(name).to(device) for name in sorted(names)}
+    users: dict[str, list[str]] = {}
+    for spec in config.defenses:
+        if spec.kind == "purifier":
+            users.setdefault(config.diffusion_for(spec), []).append(spec.name)
+    diffusions = {name: _load_diffusion_for(name, defenses).to(device) for name, defenses in users.items()}
     return {d.name: _build_defense(d, config, victim, diffusions, device) for d in config.defenses}
 
 
-def _build_defense(spec: DefenseConfig, config: ExperimentConfig, victim, diffusions: dict,
-                   device) -> DefendedClassifier:
+def _load_diffusion_for(name: str, defenses: list[str]) -> NoisePredictor:
+    """``load_diffusion(name)``, its error naming the defences that use the model."""
+    try:
+        return load_diffusion(name)
+    except (KeyError, FileNotFoundError, ValueError, ImportError) as error:
+        raise ValueError(f"the diffusion model of defence(s) {', '.join(defenses)}: {error}") from error
+
+
+def _build_defense(spec: DefenseConfig, config: ExperimentConfig, victim: nn.Module,
+                   diffusions: dict[str, NoisePredictor], device: torch.device) -> DefendedClassifier:
     if spec.kind == "none":
         return DefendedClassifier(victim, None)
     if spec.kind == "classifier":

@@ -17,8 +17,9 @@ def unit_timing(defense: str, attack: str, batch: int, seconds: float, records: 
 def time_summary(timings: list[dict]) -> dict:
     """Per (defence, attack): process-seconds, units, samples attacked and seconds per attacked
     sample; in all: process-seconds, and about how long the same units would have taken with
-    every sample attacked (no cascade), at each pair's measured cost per attacked sample.
-    A unit timed twice (killed, then redone after a resume) counts once: its last time."""
+    every sample attacked (no cascade), at each pair's measured cost per attacked sample (a
+    pair that attacked no sample adds its own seconds: its cost per sample is unknown). A unit
+    timed twice (redone, e.g. after its records were deleted) counts once: its last time."""
     units = {(t["defense"], t["attack"], t["batch"]): t for t in timings}
     pairs: dict[tuple[str, str], dict] = defaultdict(lambda: {"seconds": 0.0, "units": 0, "samples": 0, "attacked": 0})
     for (defense, attack, _), unit in units.items():

@@ -61,7 +61,7 @@ def summary_json(run_dir: str | Path) -> dict:
                         "samples": run.samples, "samples_per_class": run.samples_per_class,
                         "records": len(run.records), "metadata": run.metadata,
                         "warnings": run.warnings, "convergence": convergence_summary(run.traces),
-                        "time": time_summary(run.timings)})
+                        "time": time_summary(run.timings) if run.timings else None})
 
 
 class _Run:
@@ -105,12 +105,13 @@ class _Run:
 
 
 def _purifier_settings(spec: DefenseConfig, config: ExperimentConfig, resolved: dict | None) -> dict:
-    """The purifier settings a defence ran with: as the run stored them, or (runs from before
-    settings were stored) the recommended defaults and its overrides as this version has them."""
+    """The purifier settings a defence ran with, and its diffusion model: as the run stored them,
+    or (runs from before they were stored) as this version resolves the config."""
     if spec.kind != "purifier":
         return {}
     settings = resolved["purifier"] if resolved and resolved.get("purifier") else asdict(config.purifier_config(spec))
-    return {key: value for key, value in settings.items() if key != "precision"}
+    diffusion = (resolved or {}).get("diffusion") or config.diffusion_for(spec)
+    return {**{key: value for key, value in settings.items() if key != "precision"}, "diffusion": diffusion}
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -162,6 +163,7 @@ def _settings_text(settings: dict, spec: DefenseConfig) -> str:
                          if key in settings)
         extra = {k: v for k, v in spec.purifier.items() if k not in PURIFIER_COLUMNS}
         text += "".join(f", {key}={_format_number(value)}" for key, value in sorted(extra.items()))
+        text += f", diffusion={spec.diffusion}" if spec.diffusion else ""
     elif spec.kind == "preprocessing":
         text = ", ".join(f"{key}={value}" for key, value in spec.preprocessing.items())
     elif spec.kind == "classifier":
@@ -239,7 +241,9 @@ def _markdown(run: _Run, plots: list[tuple[str, Path]], grids: list[Path], run_d
               f"- samples: {run.samples} ({data.dataset} {data.split}, limit {data.limit}); "
               f"batch size {config.batch_size}",
               f"- samples per class (label: count): {_class_counts_text(run.samples_per_class)}",
-              f"- models: victim `{config.models.victim}`, diffusion `{config.models.diffusion}`", ""]
+              f"- models: victim `{config.models.victim}`, diffusion "
+              + (", ".join(f"`{name}`" for name in sorted({s["diffusion"] for s in run.settings.values() if s}))
+                 or "none"), ""]
 
     attacks = [a.name for a in config.attacks] + list(worst_cases(config))
     draws = config.evaluation.draws
@@ -319,7 +323,7 @@ def _write_csv(run: _Run, path: Path) -> None:
     extra = sorted({key for d in run.config.defenses for key in d.purifier} - set(PURIFIER_COLUMNS))
     scored = [f"{scoring}_{part}" for scoring in SCORINGS for part in ("accuracy", "ci_low", "ci_high")]
     fields = ["defense", "defense_kind", "attack", "kind", "norm", "eps", "eot", "steps", "frozen_noise",
-              *PURIFIER_COLUMNS, *extra, "draws", "scoring", "correct", "total", "skipped", "accuracy", "ci_low",
+              *PURIFIER_COLUMNS, *extra, "diffusion", "draws", "scoring", "correct", "total", "skipped", "accuracy", "ci_low",
               "ci_high", *scored, "paper"]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -328,7 +332,7 @@ def _write_csv(run: _Run, path: Path) -> None:
             settings = run.settings[row["defense"]]
             flat = {key: value for key, value in row.items() if key in fields}
             flat["defense_kind"] = run.defenses[row["defense"]].kind
-            flat.update({key: settings.get(key) for key in [*PURIFIER_COLUMNS, *extra]})
+            flat.update({key: settings.get(key) for key in [*PURIFIER_COLUMNS, *extra, "diffusion"]})
             writer.writerow({key: "" if _is_missing(value) else value for key, value in flat.items()})
 
 
@@ -398,7 +402,9 @@ def _time_lines(run: _Run) -> list[str]:
     return ["### Time", "",
             f"{timed['units']} (batch, defence, attack) units timed, {_duration(timed['seconds'])} of "
             "process time in all (each unit runs in one process; warm-start sources it had to "
-            f"craft included){saving}.", "",
+            "craft included, so the first defence behind a victim pays for the batch's shared "
+            "transfer examples; a unit cut by a stopped session is not counted)"
+            f"{saving}.", "",
             *_table(["defence", "attack", "units", "samples attacked", "process time", "s per attacked sample"],
                     rows), ""]
 
