@@ -178,9 +178,11 @@ def _refuse_links_out_of(directory: Path, folders: tuple[Path, ...]) -> None:
 
 
 def _copy_as(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` in ``dtype`` (through ``nn.Module.to``: diffusers' override warns
+    about modules to keep in float32, which these UNets do not have)."""
     import copy
 
-    return copy.deepcopy(module).to(dtype)
+    return nn.Module.to(copy.deepcopy(module), dtype)
 
 
 def default_scheduler() -> DDPMScheduler:

@@ -69,7 +69,7 @@ def train_classifier(config: ClassifierTrainingConfig) -> Path:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        return float(loss)
+        return loss.item()
 
     def export(step: int, seconds: float) -> None:
         save_state_dict(model, out / "model.safetensors", dtype=torch.float16)

@@ -108,4 +108,4 @@ def _train_step(unet, optimizer, scaler: torch.amp.GradScaler, x0: torch.Tensor,
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     scaler.step(optimizer)
     scaler.update()
-    return float(loss)
+    return loss.item()
