@@ -384,6 +384,23 @@ def test_shipped_configs_are_valid_and_name_known_models(path):
     assert all(name in CLASSIFIERS or name.startswith(ROBUSTBENCH_PREFIX) or Path(name).suffix
                for name in names), names
 
+
+TRAINING_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "training").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda path: path.stem)
+def test_shipped_training_configs_are_valid(path):
+    """Every training run under configs/training/ parses, and one that fine-tunes names a
+    registered diffusion model."""
+    from distpure.config import from_dict, load_yaml
+    from distpure.models.diffusion import DIFFUSION_MODELS
+    from distpure.training.diffusion import DiffusionTrainingConfig
+
+    config = from_dict(DiffusionTrainingConfig, load_yaml(path))
+    assert config.init_from is None or config.init_from in DIFFUSION_MODELS
+    assert isinstance(config.learning_rate, float) and config.steps > config.warmup_steps
+
+
 @pytest.mark.parametrize("change, culprit", [
     ({"batchsize": 4}, "batchsize"),
     ({"data": {"dataset": "cifar10", "limt": 3}}, "limt"),
