@@ -1,12 +1,16 @@
-"""Convergence diagnostics: PGD's per-iteration trace, its pooling over batches, the flag."""
+"""Convergence diagnostics: PGD's per-iteration trace and late iterate, the trace's pooling over
+batches, the scored fall over the last quarter, continuations, and the flag each decides."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from conftest import make_tiny_images, make_tiny_victim
-from distpure.attacks.pgd import PGDConfig, pgd
-from distpure.evaluation.convergence import TOLERANCE, convergence_summary, curves
+from distpure.attacks.pgd import PGDConfig, late_iteration, pgd
+from distpure.attacks.suite import AttackConfig
+from distpure.evaluation.config import DefenseConfig, ExperimentConfig
+from distpure.evaluation.convergence import (TOLERANCE, continuation_gains, continues, convergence,
+                                             convergence_summary, curves, scored_late_falls)
 
 
 def test_pgd_trace_records_every_iterate_and_the_final_one():
@@ -44,8 +48,71 @@ def test_curves_pool_batches_by_samples_and_flag_late_falls():
     noisy = curves([_trace("e", 0, 5, [1.0] * 12 + [0.5, 0.52, 0.48, 0.52, 0.48])])[0]
     assert noisy.late_drop == pytest.approx(0.016) and noisy.late_drop_error == pytest.approx(0.0277128, rel=1e-5)
     assert not noisy.converged  # the flag is the fall alone; the error says how much to trust it
-    summary = convergence_summary(traces)
+    summary = convergence_summary(traces, [], ExperimentConfig(defenses=[DefenseConfig("a", kind="none")],
+                                                               attacks=[AttackConfig("pgd")]))
     assert summary["a/pgd"]["converged"] is False and summary["a/pgd"]["final_accuracy"] == pytest.approx(0.5)
+    assert summary["a/pgd"]["basis"] == "trace" and summary["a/pgd"]["fall"] == pytest.approx(0.1)
+
+
+def test_late_iterate_is_what_a_shorter_attack_returns():
+    """What PGD had kept at the start of its last quarter equals the whole result of the same
+    PGD stopped there (a deterministic model, a fixed step size)."""
+    victim, images = make_tiny_victim(), make_tiny_images(5, seed=3)
+    labels = victim(images).argmax(1)
+    config = dict(eps=8 / 255, step_size=1 / 255, momentum=0.5)
+    late: list[torch.Tensor] = []
+    final = pgd(victim, images, labels, PGDConfig(steps=8, **config), late=late)
+    assert late_iteration(8) == 6 and len(late) == 1
+    assert torch.equal(late[0], pgd(victim, images, labels, PGDConfig(steps=6, **config)))
+    assert not torch.equal(late[0], final)
+    late.clear()  # without keep-best, the iterate itself
+    pgd(victim, images, labels, PGDConfig(steps=8, keep_best=False, **config), late=late)
+    assert torch.equal(late[0], pgd(victim, images, labels, PGDConfig(steps=6, keep_best=False, **config)))
+
+
+def _record(attack: str, index: int, predictions: list[int], late: list[int] | None = None, **extra) -> dict:
+    return {"defense": "d", "attack": attack, "index": index, "label": 0, "predictions": predictions,
+            **({"late_predictions": late} if late is not None else {}), **extra}
+
+
+def test_scored_late_fall_pairs_the_same_draws_and_ignores_skipped_samples():
+    records = [_record("pgd", 0, [0, 0, 0, 0], late=[0, 0, 0, 0]),   # no fall
+               _record("pgd", 1, [1, 1, 0, 0], late=[0, 0, 0, 0]),   # 1.0 -> 0.5
+               _record("pgd", 2, [1, 1, 1, 1], late=[0, 1, 1, 1]),   # 0.25 -> 0
+               _record("pgd", 3, [1, 1, 1, 1], late=[0, 0, 0, 0], skipped_by="transfer"),
+               _record("transfer", 0, [0, 0, 0, 0])]
+    falls = scored_late_falls(records)
+    assert set(falls) == {("d", "pgd")}
+    assert falls["d", "pgd"].total == 3 and falls["d", "pgd"].mean == pytest.approx(0.25)
+
+
+def test_continuations_are_same_kind_and_threat_from_the_start():
+    short = AttackConfig("pgd", steps=20, eot=2)
+    assert continues(AttackConfig("pgd-long", steps=40, start_from="pgd"), short)
+    assert not continues(AttackConfig("apgd", kind="apgd", start_from="pgd"), short)
+    assert not continues(AttackConfig("pgd-l2", norm="l2", eps="128/255", start_from="pgd"), short)
+    assert not continues(AttackConfig("soft", kind="surrogate", surrogate={"target": "soft"}, start_from="pgd"),
+                         AttackConfig("pgd", kind="surrogate"))
+    assert not continues(AttackConfig("pgd-long", steps=40, start_from="transfer"), short)
+
+
+def test_a_continuation_decides_its_starts_convergence_before_any_other_measure():
+    config = ExperimentConfig(defenses=[DefenseConfig("d", kind="none")], attacks=[
+        AttackConfig("clean", kind="clean"), AttackConfig("pgd"), AttackConfig("pgd-long", start_from="pgd"),
+        AttackConfig("apgd", kind="apgd", start_from="pgd")])
+    records = [_record("pgd", 0, [0, 0], late=[0, 0]), _record("pgd", 1, [0, 0], late=[0, 0]),
+               _record("pgd-long", 0, [1, 1], late=[1, 1]), _record("pgd-long", 1, [0, 0], late=[0, 0]),
+               _record("apgd", 0, [1, 1]), _record("apgd", 1, [1, 1])]
+    (gain,) = continuation_gains(records, config)  # apgd starts from pgd but is another kind
+    assert (gain.start, gain.attack, gain.gain.total, gain.gain.mean) == ("pgd", "pgd-long", 2, pytest.approx(0.5))
+    trace = [_trace("d", 0, 2, [1.0, 1.0, 1.0, 1.0, 1.0])]  # a flat trace: converged by its own draws
+    found = {item.attack: item for item in convergence([{**trace[0], "attack": "pgd"}], records, config)}
+    assert found["pgd"].basis == "continuation" and not found["pgd"].converged
+    assert found["pgd-long"].basis == "scored" and found["pgd-long"].converged
+    assert "apgd" not in found  # no trace, no late examples, no continuation
+    summary = convergence_summary([{**trace[0], "attack": "pgd"}], records, config)
+    assert summary["d/pgd"]["continued_by"] == "pgd-long" and summary["d/pgd"]["late_drop"] == 0.0
+    assert summary["d/pgd-long"]["scored_samples"] == 2 and "late_drop" not in summary["d/pgd-long"]
 
 
 def test_batched_eot_equals_sequential_draws_on_a_deterministic_model():

@@ -461,6 +461,25 @@ def test_a_run_grows_by_attacks_appended_at_the_end(assets, reference_run, tmp_p
                        show_progress=False)
 
 
+def test_an_appended_continuation_starts_from_the_kept_examples(assets, reference_run, tmp_path):
+    """An attack appended to a finished run that continues an earlier one reads that attack's
+    kept examples instead of recrafting it (no new trace of it), and its records equal those of
+    a run that had it from the start."""
+    longer = {"name": "pgd-long", "kind": "pgd", "eps": "8/255", "steps": 2, "start_from": "pgd"}
+    config_path = write_yaml(tmp_path / "longer.yaml", experiment(assets, attacks=ATTACKS + [longer]))
+    kept = sorted((reference_run / "crafted").glob("*/batch*.safetensors"))
+    assert {path.parent.name for path in kept} == {"none__pgd", "purified__pgd"}  # not clean, not transfer
+    run_dir = tmp_path / "grown"
+    shutil.copytree(reference_run, run_dir)
+    traced = lambda root, attack: [t for t in read_records(root / "traces.jsonl") if t["attack"] == attack]  # noqa: E731
+    run_experiment(load_experiment(config_path), run_dir, show_progress=False)
+    assert traced(run_dir, "pgd") == traced(reference_run, "pgd")  # read back, not recrafted
+    whole = tmp_path / "whole"
+    run_experiment(load_experiment(config_path), whole, show_progress=False)
+    assert read_records(run_dir / "results.jsonl") == read_records(whole / "results.jsonl")
+    assert [t for t in read_records(whole / "traces.jsonl") if t["attack"] == "pgd-long"] == traced(run_dir, "pgd-long")
+
+
 def test_time_summary_by_hand():
     """Per pair: seconds, samples attacked, seconds per attacked sample; a unit timed twice (redone
     after a resume) counts once; without the cascade each pair's units would attack all samples."""
@@ -885,6 +904,12 @@ def test_report_of_a_finished_run(assets, reference_run, capsys):
     # one trace per crafted batch: pgd per defence, transfer once, keyed by the victim it ran on
     assert set(data["convergence"]) == {"none/pgd", "purified/pgd", f"victim={assets.victim} [{ARCH}]/transfer"}
     assert data["convergence"]["purified/pgd"]["samples"] == 2 * IMAGES_PER_CLASS
+    # every attacked pgd sample is also scored on what PGD had at the start of its last quarter
+    attacked = [r for r in read_records(reference_run / "results.jsonl")
+                if r["attack"] == "pgd" and "skipped_by" not in r]
+    assert attacked and all(len(r["late_predictions"]) == len(r["predictions"]) for r in attacked)
+    assert data["convergence"]["purified/pgd"]["basis"] == "scored"
+    assert data["convergence"]["purified/pgd"]["scored_samples"] == sum(r["defense"] == "purified" for r in attacked)
     assert data["finished"] and data["samples"] == 12 and len(data["rows"]) == len(rows)
     assert [(r["defense"], r["attack"], r["accuracy"]) for r in data["rows"]] == \
         [(r["defense"], r["attack"], r["accuracy"]) for r in summary["rows"]]
@@ -1024,3 +1049,28 @@ def test_a_tuning_subset_is_disjoint_from_the_reporting_subset(assets, tmp_path)
     assert torch.equal(tuning.images, both.images[4:]) and torch.equal(tuning.labels, both.labels[4:])
     with pytest.raises(ValueError, match="data.start"):
         loaded(start=-1)
+
+
+def test_a_run_grows_by_more_images_from_whole_batches(assets, reference_run, tmp_path):
+    """Raising data.limit extends a run whose images filled whole batches: the first images'
+    records are kept, the new ones form new batches, and the records equal a run sized so from
+    the start (here: 4 images, then all 12). A limit that left a partial batch cannot grow, and
+    a run cannot shrink."""
+    def sized(limit: int | None, name: str):
+        values = experiment(assets, data={"dataset": "cifar10", "root": str(assets.data), "limit": limit})
+        return load_experiment(write_yaml(tmp_path / f"{name}.yaml", values))
+
+    run_dir = tmp_path / "growing"
+    run_experiment(sized(BATCH_SIZE, "small"), run_dir, show_progress=False)
+    first = read_records(run_dir / "results.jsonl")
+    run_experiment(sized(None, "all"), run_dir, show_progress=False)
+    assert RunDirectory(run_dir).finished
+    records = read_records(run_dir / "results.jsonl")
+    assert [r for r in records if r["index"] < BATCH_SIZE] == first
+    assert records == read_records(reference_run / "results.jsonl")
+    with pytest.raises(ValueError, match="different experiment"):
+        run_experiment(sized(BATCH_SIZE, "shrunk"), run_dir, show_progress=False)
+    partial = tmp_path / "partial"
+    run_experiment(sized(BATCH_SIZE - 1, "partial"), partial, show_progress=False)
+    with pytest.raises(ValueError, match="data.limit"):
+        run_experiment(sized(2 * BATCH_SIZE, "more"), partial, show_progress=False)

@@ -18,14 +18,17 @@ if TYPE_CHECKING:
 class Crafted:
     """An attack's result: the examples, the attack's own verdict where it gives one (AutoAttack:
     which samples it broke), the model that scores them under a frozen-noise threat model (the
-    attacker's fixed draw), what the attack warned about, and its convergence trace (per
-    iteration: mean loss and accuracy on its own draws)."""
+    attacker's fixed draw), what the attack warned about, its convergence trace (per
+    iteration: mean loss and accuracy on its own draws) and, where it has one, what it would have
+    returned at the start of its last quarter (``late_examples``: scored like the final examples,
+    the difference is what the last quarter gained)."""
 
     examples: torch.Tensor
     broken: torch.Tensor | None = None
     frozen_scorer: DefendedClassifier | None = None
     warnings: list[str] = field(default_factory=list)
     trace: list[dict] = field(default_factory=list)
+    late_examples: torch.Tensor | None = None
 
 
 class Attack:

@@ -55,9 +55,10 @@ class DefenceAttack(Attack):
         """PGD with EOT on ``model``, what the attacker differentiates of ``defense`` (the kinds
         differ in it); with ``holdout_draws`` the iterate kept is judged by held-out draws of
         ``defense`` itself."""
-        config, trace = self.config.pgd_config(derive_seed(seed, "pgd-start")), []
+        config, trace, late = self.config.pgd_config(derive_seed(seed, "pgd-start")), [], []
         judge = self.judge(defense, seed) if config.holdout_draws else None
-        return Crafted(pgd(model, images, labels, config, start, trace, judge), frozen_scorer=frozen, trace=trace)
+        examples = pgd(model, images, labels, config, start, trace, judge, late)
+        return Crafted(examples, frozen_scorer=frozen, trace=trace, late_examples=late[0] if late else None)
 
     @staticmethod
     def judge(defense: DefendedClassifier, seed: int) -> DefendedClassifier:

@@ -77,7 +77,8 @@ def attack_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         config: PGDConfig | None = None, start: torch.Tensor | None = None,
-        trace: list[dict] | None = None, judge: nn.Module | None = None) -> torch.Tensor:
+        trace: list[dict] | None = None, judge: nn.Module | None = None,
+        late: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Adversarial examples within the ε-ball of ``images`` (clipped to [0, 1]); images outside
     [0, 1] or labels outside the model's outputs are a ValueError (labels: at the first forward).
 
@@ -88,7 +89,9 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     defence with noise of its own) picks the best iterate when ``holdout_draws`` is set. A model
     that sets a per-row ``auxiliary_loss`` in its forward (``deviation.DeviatedReconstruction``)
     has it added to the loss the steps ascend; iterates are still kept, and traced, by the
-    classification loss."""
+    classification loss. ``late``, if given, receives what the attack would have returned had it
+    stopped at the start of its last quarter (iteration ``late_iteration(steps)``): scored beside
+    the final examples, it shows what the last quarter gained."""
     check_unit_images(images)
     config = config or PGDConfig()
     generator = torch.Generator().manual_seed(config.seed)
@@ -115,6 +118,8 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         _record(trace, step, loss, accuracy)
         if config.keep_best:
             keep_if_better((images + delta).detach(), loss)
+        if late is not None and step == late_iteration(config.steps):
+            late.append((best if config.keep_best else images + delta).detach().clone())
         direction = config.momentum * direction + _unit_l1(gradient) if config.momentum else gradient
         delta = _project(delta + config.alpha * _ascent_direction(direction, config.norm), images, config)
     final = (images + delta).detach()
@@ -124,6 +129,11 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     _record(trace, config.steps, final_loss, accuracy)
     keep_if_better(final, final_loss)
     return best
+
+
+def late_iteration(steps: int) -> int:
+    """The first iteration of an attack's last quarter (as its convergence trace is read)."""
+    return (3 * steps) // 4
 
 
 @torch.no_grad()

@@ -93,6 +93,16 @@ def appended_attacks(stored: dict, current: dict) -> list[str]:
     return [a["name"] for a in new[len(old):]] if new[:len(old)] == old else []
 
 
+def more_images(stored: dict, current: dict) -> bool:
+    """Whether ``current`` (an experiment as a dict) evaluates more images than ``stored`` and
+    nothing else about its data: a run may grow so when its images filled whole batches, since
+    the seeded order puts the same images first and the new ones form new batches."""
+    old, new = stored["data"], current["data"]
+    limit, grown = old.get("limit"), new.get("limit")
+    return (limit is not None and (grown is None or grown > limit) and limit % stored["batch_size"] == 0
+            and {**new, "limit": limit} == old)
+
+
 def _recorded_settings(experiment: dict) -> dict:
     """An experiment (as a dict) without what only changes its presentation."""
     return {key: value for key, value in experiment.items() if key not in PRESENTATION_FIELDS}
@@ -101,20 +111,27 @@ def _recorded_settings(experiment: dict) -> dict:
 def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict) -> None:
     """Create the run directory, or check before resuming that it holds this same experiment,
     as written (``config.yaml``) and as resolved (``resolved.json``), or the same with attacks
-    appended (logged) or its presentation changed; any other difference is refused, named."""
+    appended or more images (whole batches; both logged) or its presentation changed; any other
+    difference is refused, named."""
     files.root.mkdir(parents=True, exist_ok=True)
     appended: list[str] = []
     if files.config.is_file():  # read through today's dataclasses: a new setting's default is no change
         stored, current = (_recorded_settings(asdict(c)) for c in (_stored_experiment(files), config))
         appended = appended_attacks(stored, current)
-        changed = "; ".join(differences(stored, {**current, "attacks": stored["attacks"]} if appended
-                                        else current)[:8])
+        grown = more_images(stored, current)
+        changed = "; ".join(differences(stored, {**current, **({"attacks": stored["attacks"]} if appended else {}),
+                                                 **({"data": stored["data"]} if grown else {})})[:8])
         if changed:
             raise ValueError(f"{files.root} holds a different experiment (its config.yaml differs: "
-                             f"{changed}); use another --out directory or delete it, or append "
-                             "new attacks after the stored ones")
-        if appended:  # a finished run is unfinished again until the new attacks' records exist
+                             f"{changed}); use another --out directory or delete it, append new "
+                             "attacks after the stored ones, or raise data.limit (from a whole "
+                             "number of batches)")
+        if appended:
             _LOG.info("extending %s with attacks %s", files.root, ", ".join(appended))
+        if grown:
+            _LOG.info("extending %s from %d to %s images", files.root, stored["data"]["limit"],
+                      current["data"]["limit"] or "all")
+        if appended or grown:  # a finished run is unfinished again until the new records exist
             files.summary.unlink(missing_ok=True)
     if files.resolved.is_file():
         stored = _through_dataclasses(json.loads(files.resolved.read_text())["settings"])

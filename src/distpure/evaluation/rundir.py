@@ -13,6 +13,9 @@
   resolved precision (a long run may be resumed on other machines);
 - ``metadata.json``, ``summary.json``: written when the run finishes;
 - ``examples/<defence>__<attack>.safetensors``: a few clean / adversarial / purified images;
+- ``crafted/<defence>__<attack>/batch<N>.safetensors``: every adaptive attack's examples of the
+  samples it attacked (float32, with their positions in the batch), kept so that an attack
+  appended later starts from them instead of recrafting its whole chain of warm starts;
 - ``report.md``, ``results.csv``, ``plots/``: written by ``distpure report``.
 """
 from __future__ import annotations
@@ -38,6 +41,7 @@ class RunDirectory:
         self.metadata = self.root / "metadata.json"
         self.summary = self.root / "summary.json"
         self.examples = self.root / "examples"
+        self.crafted = self.root / "crafted"
         self.report = self.root / "report.md"
         self.csv = self.root / "results.csv"
         self.plots = self.root / "plots"
@@ -47,6 +51,9 @@ class RunDirectory:
 
     def example_file(self, defense: str, attack: str) -> Path:
         return self.examples / f"{defense}__{attack}.safetensors"
+
+    def crafted_file(self, defense: str, attack: str, batch: int) -> Path:
+        return self.crafted / f"{defense}__{attack}" / f"batch{batch:04d}.safetensors"
 
     def shard_result_files(self) -> list[Path]:
         return sorted(self.root.glob("results.rank*.jsonl"))

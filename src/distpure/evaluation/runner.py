@@ -23,7 +23,7 @@ from ..defenses.recommended import build_purified_classifier
 from ..devices import hardware, resolve_device
 from ..models.classifiers import load_classifier
 from ..models.diffusion import NoisePredictor, load_diffusion
-from ..models.weights import save_tensors
+from ..models.weights import load_state_dict, save_tensors
 from .config import DefenseConfig, ExperimentConfig
 from .distributed import Shard, current_shard, finish, shard_device
 from .metadata import RunClock, environment
@@ -37,6 +37,7 @@ from .summary import summarize
 from .timing import unit_timing
 
 EXAMPLES_PER_PAIR = 8
+KINDS_NOT_KEPT = ("clean", "transfer")  # their examples cost nothing, or only the victim, to recraft
 _LOG = logging.getLogger("distpure")
 DEFAULT_DATA_FOLDERS = {"cifar10": "cifar10-jpeg", "imagenet30": "imagenet30-samples"}
 
@@ -190,7 +191,9 @@ def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseCon
                     attack: AttackConfig, crafted: dict[tuple[str, str], Crafted]) -> list[dict]:
     """Attack one batch, then classify every example with the experiment's R scoring draws
     (or the attacker's frozen draw), one record per sample; samples an earlier attack of the
-    cascade broke are recorded as its, unattacked and unscored."""
+    cascade broke are recorded as its, unattacked and unscored. Where the attack also returns
+    what it had at the start of its last quarter, the same draws score that too
+    (``late_predictions``: the paired measure of what the last quarter gained)."""
     config, labels = batch.config, batch.labels
     breaking = batch.breaking_records(spec, attack)
     attacked = [p for p, record in enumerate(breaking) if record is None]
@@ -199,8 +202,13 @@ def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseCon
         _append_warnings(batch.files, spec.name, attack.name, batch.number, result.warnings)
     seed = derive_seed(config.seed, spec.name, attack.name, batch.number)
     examples = result.examples[attacked]
-    predictions = predict_draws(scorers(defense, config.evaluation.draws, seed, result.frozen_scorer),
-                                examples) if attacked else []
+
+    def score(images: torch.Tensor) -> list[list[int]]:  # fresh scorers: every call replays the same R draws
+        return predict_draws(scorers(defense, config.evaluation.draws, seed, result.frozen_scorer), images)
+
+    predictions = score(examples) if attacked else []
+    late = (iter(score(result.late_examples[attacked]))
+            if result.late_examples is not None and attacked else None)
     if batch.number == 0 and attacked:
         first_draw = scorers(defense, 1, seed, result.frozen_scorer)[0]  # replays the scored draw 0
         _save_examples(batch.files, spec.name, attack.name, batch.images[attacked], examples, first_draw)
@@ -213,6 +221,7 @@ def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseCon
             continue
         records.append({"index": i, "dataset_index": key, "defense": spec.name, "attack": attack.name,
                         "label": int(y), "predictions": next(scored),
+                        **({"late_predictions": next(late)} if late is not None else {}),
                         **({"verdict": "broken"} if broken[p] else {})})
     return records
 
@@ -223,22 +232,52 @@ def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: Defe
     skipped a sample), crafted once per batch and reused as a warm start, and, for transfer
     attacks, across every defence whose examples come from the same model (the key names that
     model; transfer examples are crafted for every sample). Seeds depend only on names and the
-    batch, and the cascade only on records, so recrafting after a resume gives the same examples."""
+    batch, and the cascade only on records, so recrafting after a resume gives the same examples;
+    an adaptive attack's examples are also kept on disk, and a warm start not crafted in this
+    session is read back from there when it covers the samples to attack."""
     config = batch.config
     shared = attack.kind == "transfer"
-    owner = f"victim={_victim_name(spec, config)}" if shared else spec.name
+    owner = _crafted_key(spec, attack, config)[0]
     if (owner, attack.name) not in crafted:
+        rows = [p for p, record in enumerate(batch.breaking_records(spec, attack)) if shared or record is None]
         start = None
         if attack.start_from is not None:
             source = next(a for a in config.attacks if a.name == attack.start_from)
-            start = _adversarial_examples(batch, defense, spec, source, crafted).examples
-        rows = [p for p, record in enumerate(batch.breaking_records(spec, attack)) if shared or record is None]
+            start = None if _crafted_key(spec, source, config) in crafted else _kept_examples(
+                batch, spec.name, source.name, rows)
+            if start is None:
+                start = _adversarial_examples(batch, defense, spec, source, crafted).examples
         result = _craft_rows(batch, defense, spec, attack, owner, start, rows)
         if result.trace:
             _append_jsonl(batch.files.traces, {"owner": owner, "attack": attack.name, "batch": batch.number,
                                                "n": len(rows), "trace": result.trace})
+        if rows and attack.kind not in KINDS_NOT_KEPT:
+            save_tensors({"examples": result.examples[rows], "rows": torch.tensor(rows)},
+                         batch.files.crafted_file(spec.name, attack.name, batch.number))
         crafted[owner, attack.name] = result
     return crafted[owner, attack.name]
+
+
+def _crafted_key(spec: DefenseConfig, attack: AttackConfig, config: ExperimentConfig) -> tuple[str, str]:
+    """Whose examples these are: (defence, attack), or (``victim=<name>``, attack) for a transfer
+    attack, whose examples every defence behind the same victim shares."""
+    return (f"victim={_victim_name(spec, config)}" if attack.kind == "transfer" else spec.name), attack.name
+
+
+def _kept_examples(batch: _Batch, defense: str, attack: str, rows: list[int]) -> torch.Tensor | None:
+    """``attack``'s kept examples of this batch (other rows: the clean images), if kept for
+    every row in ``rows``: a later attack of the cascade attacks only samples every earlier one
+    attacked, so a warm start is read back instead of recrafted with its whole chain."""
+    path = batch.files.crafted_file(defense, attack, batch.number)
+    if not path.is_file():
+        return None
+    kept = load_state_dict(path)
+    positions = kept["rows"].tolist()
+    if not set(rows) <= set(positions):
+        return None
+    examples = batch.images.clone()
+    examples[positions] = kept["examples"].to(examples)
+    return examples
 
 
 def _craft_rows(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig, attack: AttackConfig,
@@ -255,11 +294,14 @@ def _craft_rows(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
     result = craft(attack, defense, images[rows], batch.labels[rows], seed,
                    start[rows] if start is not None else None, keys, frozen_seed)
     examples[rows] = result.examples.detach().to(examples)
-    broken = None
+    broken = late = None
     if result.broken is not None:
         broken = torch.zeros(len(images), dtype=torch.bool, device=result.broken.device)
         broken[rows] = result.broken
-    return Crafted(examples, broken, result.frozen_scorer, result.warnings, result.trace)
+    if result.late_examples is not None:
+        late = (start if start is not None else images).clone()
+        late[rows] = result.late_examples.detach().to(late)
+    return Crafted(examples, broken, result.frozen_scorer, result.warnings, result.trace, late)
 
 
 def _victim_name(spec: DefenseConfig, config: ExperimentConfig) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..devices import describe_hardware
 from ..evaluation.config import DefenseConfig, ExperimentConfig, load_experiment
-from ..evaluation.convergence import TOLERANCE, Curve, convergence_summary, curves
+from ..evaluation.convergence import TOLERANCE, Curve, convergence, convergence_summary, curves
 from ..evaluation.protocol import SCORINGS
 from ..evaluation.rundir import RunDirectory
 from ..evaluation.stats import Difference
@@ -60,7 +60,7 @@ def summary_json(run_dir: str | Path) -> dict:
     return _json_ready({**run.summary, "run_dir": str(run_dir), "finished": run.finished,
                         "samples": run.samples, "samples_per_class": run.samples_per_class,
                         "records": len(run.records), "metadata": run.metadata,
-                        "warnings": run.warnings, "convergence": convergence_summary(run.traces),
+                        "warnings": run.warnings, "convergence": convergence_summary(run.traces, run.records, run.config),
                         "time": time_summary(run.timings) if run.timings else None})
 
 
@@ -410,22 +410,39 @@ def _time_lines(run: _Run) -> list[str]:
 
 
 def _convergence_lines(run: _Run) -> list[str]:
-    """Per iterative attack: its accuracy on its own draws at the end, and whether it still
-    fell over its last quarter of iterations (then its numbers are upper bounds)."""
-    found = curves(run.traces)
+    """Per iterative attack: each convergence measure it has, and whether it still gained at its
+    end (then its numbers are upper bounds), decided by the strongest measure."""
+    found = convergence(run.traces, run.records, run.config)
     if not found:
         return []
-    rows = [[c.owner, c.attack, c.steps[-1], c.samples, f"{100 * c.accuracy[-1]:.1f}",
-             f"{100 * c.late_drop:+.1f} ± {100 * c.late_drop_error:.1f}",
-             "converged" if c.converged else "**not converged**"] for c in found]
+
+    rows = [[item.owner, item.attack,
+             "–" if item.curve is None else f"{item.curve.steps[-1]} / {item.curve.samples}",
+             "–" if item.curve is None else f"{100 * item.curve.accuracy[-1]:.1f}",
+             "–" if item.curve is None else f"{100 * item.curve.late_drop:+.1f} ± {100 * item.curve.late_drop_error:.1f}",
+             _fall_text(item.scored_fall),
+             "–" if item.continuation is None else f"{item.continuation.attack}: {_fall_text(item.continuation.gain)}",
+             ("converged" if item.converged else "**not converged**") + f" ({item.basis})"] for item in found]
     return ["### Convergence", "",
-            "Accuracy of the final iterate on the attacker's own EOT draws, and its fall over the "
-            "last quarter of the iterations (the least-squares line, ± its standard error from the "
-            f"scatter of the draws); a fall above {100 * TOLERANCE:.0f} point marks the attack **not "
-            "converged** (more iterations or EOT would likely break more samples). A fall within "
-            "about twice its error may be the draws' noise alone: more samples narrow it.", "",
-            *_table(["defence (or victim)", "attack", "iterations", "samples attacked", "own-draw accuracy %",
-                     "fall over last quarter (points)", "status"], rows), ""]
+            "Three measures of what more attacking would still gain, in points of expected accuracy; "
+            f"a fall above {100 * TOLERANCE:.0f} point marks the attack **not converged** (its robust "
+            "accuracy is an upper bound), decided by the strongest measure it has (in brackets). "
+            "*Continuation*: a later attack of the same kind and threat started from this one's "
+            "examples; how much the scoring draws' accuracy fell from this attack's examples to its, "
+            "paired over the samples it attacked. *Scored*: the same draws score both the final "
+            "examples and what the attack had kept at the start of its last quarter; their paired "
+            "fall. *Own draws*: the final iterate's accuracy on the attacker's own EOT draws and "
+            "its fall over the last quarter (the least-squares line ± its standard error); it "
+            "judges the current iterate on a few noisy draws and cannot see what keeping each "
+            "sample's best iterate gains, so it is the weakest measure. Intervals are 95 %.", "",
+            *_table(["defence (or victim)", "attack", "iterations / samples traced", "own-draw accuracy %",
+                     "own-draw fall over last quarter", "scored fall over last quarter",
+                     "continued by: scored fall", "status (measure)"], rows), ""]
+
+
+def _fall_text(fall: Difference | None) -> str:
+    """A scored fall in points with its interval and sample count, or a dash."""
+    return "–" if fall is None else f"{fall} (n = {fall.total})"
 
 
 def _convergence_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
