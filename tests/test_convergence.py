@@ -96,77 +96,36 @@ def test_continuations_are_same_kind_and_threat_from_the_start():
     assert not continues(AttackConfig("pgd-long", steps=40, start_from="transfer"), short)
 
 
-def test_a_continuation_decides_its_starts_convergence_before_any_other_measure():
+def test_continuation_gains_pair_the_same_draws_and_the_scored_measures_decide():
+    """A continuation's gain compares its own draws on its start's examples and on its own (not
+    the start's records, by which the cascade chose the samples); of two continuations of one
+    start the larger gain counts; a scored measure overrules the attacker's own trace."""
     config = ExperimentConfig(defenses=[DefenseConfig("d", kind="none")], attacks=[
         AttackConfig("clean", kind="clean"), AttackConfig("pgd"), AttackConfig("pgd-long", start_from="pgd"),
-        AttackConfig("apgd", kind="apgd", start_from="pgd")])
-    records = [_record("pgd", 0, [0, 0], late=[0, 0]), _record("pgd", 1, [0, 0], late=[0, 0]),
-               _record("pgd-long", 0, [1, 1], late=[1, 1]), _record("pgd-long", 1, [0, 0], late=[0, 0]),
+        AttackConfig("pgd-longer", start_from="pgd"), AttackConfig("apgd", kind="apgd", start_from="pgd")])
+    # label 0: a 0 is a right draw
+    records = [_record("pgd", 0, [1, 0], late=[0, 0]), _record("pgd", 1, [0, 0], late=[0, 0]),
+               _record("pgd", 2, [1, 1], late=[1, 1]),  # late falls 0.5, 0, 0: 1/6
+               # the start's own draws said 0.5 and 1.0; the continuation's draws on the same
+               # examples say what it gained: nothing on sample 0, 0.5 on sample 1
+               {**_record("pgd-long", 0, [0, 0]), "start_predictions": [0, 0]},
+               {**_record("pgd-long", 1, [0, 1]), "start_predictions": [0, 0]},
+               _record("pgd-long", 2, [1, 1], skipped_by="pgd"),
+               {**_record("pgd-longer", 0, [0, 0]), "start_predictions": [0, 0]},
+               {**_record("pgd-longer", 1, [0, 0]), "start_predictions": [0, 0]},
                _record("apgd", 0, [1, 1]), _record("apgd", 1, [1, 1])]
-    (gain,) = continuation_gains(records, config)  # apgd starts from pgd but is another kind
-    assert (gain.start, gain.attack, gain.gain.total, gain.gain.mean) == ("pgd", "pgd-long", 2, pytest.approx(0.5))
-    trace = [_trace("d", 0, 2, [1.0, 1.0, 1.0, 1.0, 1.0])]  # a flat trace: converged by its own draws
-    found = {item.attack: item for item in convergence([{**trace[0], "attack": "pgd"}], records, config)}
-    assert found["pgd"].basis == "continuation" and not found["pgd"].converged
-    assert found["pgd-long"].basis == "scored" and found["pgd-long"].converged
+    gains = {g.attack: g for g in continuation_gains(records, config)}  # apgd: another kind, no gain
+    assert set(gains) == {"pgd-long", "pgd-longer"} and {g.start for g in gains.values()} == {"pgd"}
+    assert gains["pgd-long"].gain.total == 2 and gains["pgd-long"].gain.mean == pytest.approx(0.25)
+    assert gains["pgd-longer"].gain.mean == 0.0
+    falling_trace = {**_trace("d", 0, 3, [1.0, 1.0, 1.0, 1.0, 0.5]), "attack": "pgd-long"}
+    found = {item.attack: item for item in convergence([falling_trace], records, config)}
+    assert found["pgd"].continuation.attack == "pgd-long"  # the larger of the two gains
+    assert found["pgd"].basis == "scored and continuation" and not found["pgd"].converged
+    assert found["pgd"].scored_fall.mean == pytest.approx(1 / 6)
+    assert found["pgd"].fall == pytest.approx(0.25)  # the larger of the scored falls
+    assert found["pgd-long"].basis == "trace" and not found["pgd-long"].converged
     assert "apgd" not in found  # no trace, no late examples, no continuation
-    summary = convergence_summary([{**trace[0], "attack": "pgd"}], records, config)
-    assert summary["d/pgd"]["continued_by"] == "pgd-long" and summary["d/pgd"]["late_drop"] == 0.0
-    assert summary["d/pgd-long"]["scored_samples"] == 2 and "late_drop" not in summary["d/pgd-long"]
-
-
-def test_batched_eot_equals_sequential_draws_on_a_deterministic_model():
-    """EOT draws as one repeated batch: the same loss, gradient and iterate where draws agree."""
-    victim, images = make_tiny_victim(), make_tiny_images(3)
-    labels = torch.tensor([0, 1, 2])
-    runs = {}
-    for batch in (1, 3, 4):
-        trace: list[dict] = []
-        runs[batch] = (pgd(victim, images, labels, PGDConfig(steps=3, eot=4, eot_batch=batch), trace=trace), trace)
-    for batch in (3, 4):
-        assert torch.allclose(runs[batch][0], runs[1][0], atol=1e-6)
-        assert [p["loss"] for p in runs[batch][1]] == pytest.approx([p["loss"] for p in runs[1][1]], rel=1e-5)
-    with pytest.raises(ValueError, match="eot_batch"):
-        PGDConfig(eot_batch=0)
-
-
-def test_keep_best_by_held_out_draws_keeps_fooling_iterates():
-    """Judged by held-out draws, a sample whose loss-selected example fools the judge keeps a
-    fooling example, and the overall accuracy under the judge is no higher."""
-    victim, images = make_tiny_victim(), make_tiny_images(8, seed=5)
-    with torch.no_grad():
-        labels = victim(images).argmax(1)
-    by_loss = pgd(victim, images, labels, PGDConfig(steps=6, eps=12 / 255))
-    judged = pgd(victim, images, labels, PGDConfig(steps=6, eps=12 / 255, holdout_draws=1), judge=victim)
-    with torch.no_grad():
-        fooled_by_loss = victim(by_loss).argmax(1) != labels
-        fooled_judged = victim(judged).argmax(1) != labels
-    assert (fooled_judged | ~fooled_by_loss).all()
-    assert fooled_judged.sum() >= fooled_by_loss.sum()
-    assert torch.equal(pgd(victim, images, labels, PGDConfig(steps=6, eps=12 / 255, holdout_draws=1)), by_loss)
-
-
-class _FooledOnlyAt(torch.nn.Module):
-    """A judge that misclassifies exactly one point per sample (``where``) and nothing else."""
-
-    def __init__(self, where: torch.Tensor, labels: torch.Tensor) -> None:
-        super().__init__()
-        self.where, self.labels = where, labels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        there = (x - self.where).flatten(1).abs().amax(1) < 1e-7
-        predicted = torch.where(there, (self.labels + 1) % 10, self.labels)
-        return torch.nn.functional.one_hot(predicted, 10).float()
-
-
-def test_held_out_judge_overrules_the_attackers_loss():
-    """The attacker's loss prefers the last iterate; the judge is fooled only by the first: the
-    judged selection must return the first (the start), the loss-based one does not."""
-    victim, images = make_tiny_victim(), make_tiny_images(4, seed=6)
-    with torch.no_grad():
-        labels = victim(images).argmax(1)
-    start = pgd(victim, images, labels, PGDConfig(steps=2, eps=8 / 255))
-    config = PGDConfig(steps=3, eps=8 / 255, holdout_draws=2)
-    judged = pgd(victim, images, labels, config, start=start, judge=_FooledOnlyAt(start, labels))
-    assert torch.equal(judged, start)
-    assert not torch.equal(pgd(victim, images, labels, config, start=start), start)
+    summary = convergence_summary([falling_trace], records, config)
+    assert summary["d/pgd"]["continued_by"] == "pgd-long" and summary["d/pgd"]["scored_samples"] == 3
+    assert summary["d/pgd-long"]["late_drop"] > TOLERANCE and "scored_late_drop" not in summary["d/pgd-long"]

@@ -478,6 +478,19 @@ def test_an_appended_continuation_starts_from_the_kept_examples(assets, referenc
     run_experiment(load_experiment(config_path), whole, show_progress=False)
     assert read_records(run_dir / "results.jsonl") == read_records(whole / "results.jsonl")
     assert [t for t in read_records(whole / "traces.jsonl") if t["attack"] == "pgd-long"] == traced(run_dir, "pgd-long")
+    assert all(path.read_bytes() == (run_dir / path.relative_to(reference_run)).read_bytes() for path in kept)
+    continued = [r for r in read_records(run_dir / "results.jsonl") if r["attack"] == "pgd-long" and "skipped_by" not in r]
+    assert continued and all(len(r["start_predictions"]) == len(r["predictions"]) for r in continued)
+    assert not any("start_predictions" in r for r in read_records(run_dir / "results.jsonl") if r["attack"] == "pgd")
+    # a kept file cut short by a killed session is recrafted, with the same records
+    broken = tmp_path / "broken"
+    shutil.copytree(reference_run, broken)
+    cut = broken / kept[0].relative_to(reference_run)
+    cut.write_bytes(cut.read_bytes()[:40])
+    run_experiment(load_experiment(config_path), broken, show_progress=False)
+    assert read_records(broken / "results.jsonl") == read_records(whole / "results.jsonl")
+    assert len(traced(broken, "pgd")) == len(traced(reference_run, "pgd")) + 1
+    assert cut.read_bytes() == kept[0].read_bytes()  # kept again, whole
 
 
 def test_time_summary_by_hand():

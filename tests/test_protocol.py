@@ -90,6 +90,17 @@ def test_attacker_and_scorer_streams_differ_and_frozen_noise_is_shared(tiny_diff
     assert other.frozen_scorer.purifier.config.seed != 11
 
 
+def test_fresh_scorers_replay_the_same_draws(tiny_diffusion, tiny_victim, tiny_images):
+    """Scorers built again from the same seed purify with the same noise: the runner's paired
+    scorings (late and start examples beside the final ones) rest on this."""
+    defense = _defense(tiny_diffusion, tiny_victim)
+    with torch.no_grad():
+        first = [model.purifier(tiny_images) for model in scorers(defense, draws=3, seed=7)]
+        again = [model.purifier(tiny_images) for model in scorers(defense, draws=3, seed=7)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])
+
+
 def test_deterministic_defences_are_scored_once(tiny_victim, tiny_images):
     plain = DefendedClassifier(tiny_victim, None)
     assert scorers(plain, draws=8, seed=0) == [plain]

@@ -21,7 +21,8 @@ class Crafted:
     attacker's fixed draw), what the attack warned about, its convergence trace (per
     iteration: mean loss and accuracy on its own draws) and, where it has one, what it would have
     returned at the start of its last quarter (``late_examples``: scored like the final examples,
-    the difference is what the last quarter gained)."""
+    the difference is what the last quarter gained) and the examples it started from (``start``,
+    a warm start, where it had one)."""
 
     examples: torch.Tensor
     broken: torch.Tensor | None = None
@@ -29,6 +30,7 @@ class Crafted:
     warnings: list[str] = field(default_factory=list)
     trace: list[dict] = field(default_factory=list)
     late_examples: torch.Tensor | None = None
+    start: torch.Tensor | None = None
 
 
 class Attack:

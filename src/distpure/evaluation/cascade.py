@@ -50,7 +50,8 @@ def skipped_record(breaking: dict, attack: str) -> dict:
 def passes_per_sample(attack: AttackConfig, draws: int) -> int:
     """About the purifier passes one sample costs ``attack``: its gradient passes (steps x EOT x
     restarts; none for clean and transfer, which never differentiate the defence) and the R
-    scoring draws (a start or final evaluation of an iterate is not counted)."""
+    scoring draws (a start or final evaluation of an iterate, and the same draws' paired scoring
+    of an attack's late and start examples, are not counted)."""
     crafting = 0 if attack.kind in ("clean", "transfer") else attack.iterations * attack.eot_draws * attack.restarts
     return crafting + draws
 

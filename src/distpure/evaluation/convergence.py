@@ -1,17 +1,18 @@
-"""Has an attack converged? Three measures, strongest evidence first:
+"""Has an attack converged? Two scored measures, and the attacker's own trace:
 
-- a **continuation** (a later attack of the same kind and threat that starts from this one's
-  examples): how much the scored accuracy fell from this attack's examples to the
-  continuation's, paired over the samples the continuation attacked;
 - the **scored fall over the last quarter**: the scoring draws classify both the final examples
   and what the attack had kept at the start of its last quarter; the paired fall between them;
+- a **continuation** (a later attack of the same kind and threat that starts from this one's
+  examples): how much the accuracy of the same draws fell from this attack's examples to the
+  continuation's;
 - the **trace**: accuracy on the attacker's own draws per iteration, pooled over the batches.
 
-A fall of more than ``TOLERANCE`` means more iterations (or EOT) would likely break more
-samples, so the attack's robust accuracy is an upper bound. The scored measures judge the
-examples the attack returns (its kept iterates, judged by fresh draws); the trace judges its
-current iterate on its own few draws, which is noisier and blind to what keeping the best
-iterate gains.
+Both scored measures are paired on the samples the later examples' attack attacked. A fall of
+more than ``TOLERANCE`` means more iterations (or EOT) would likely break more samples, so the
+attack's robust accuracy is an upper bound. The scored measures decide where an attack has one
+(the largest of them): they judge the examples the attack returns (its kept iterates) by fresh
+draws, while the trace judges its current iterate on its own few draws, which is noisier and
+blind to what keeping each sample's best iterate gains.
 """
 from __future__ import annotations
 
@@ -86,17 +87,23 @@ def curves(traces: list[dict]) -> list[Curve]:
     return result
 
 
-def scored_late_falls(records: list[dict]) -> dict[tuple[str, str], Difference]:
-    """Per (defence, attack), how much expected accuracy fell over the attack's last quarter,
-    as the scoring draws see it: per sample it attacked, the draws' accuracy on what it had at
-    the start of its last quarter minus their accuracy on its final examples (the same draws
-    score both, so the difference is the examples'), with its paired 95 % interval."""
+def _paired_falls(records: list[dict], field: str) -> dict[tuple[str, str], Difference]:
+    """Per (defence, attack), over the samples it attacked whose records hold ``field`` (the
+    same R draws' predictions on other examples of the same sample): how much expected accuracy
+    fell from those examples to the final ones, with its paired 95 % interval."""
     falls: dict[tuple[str, str], list[float]] = {}
     for record in records:
-        if "late_predictions" in record and "skipped_by" not in record:
-            late = outcome({**record, "predictions": record["late_predictions"]}).expected
-            falls.setdefault((record["defense"], record["attack"]), []).append(late - outcome(record).expected)
+        if field in record and "skipped_by" not in record:
+            before = outcome({**record, "predictions": record[field]}).expected
+            falls.setdefault((record["defense"], record["attack"]), []).append(before - outcome(record).expected)
     return {key: paired_difference(values) for key, values in falls.items()}
+
+
+def scored_late_falls(records: list[dict]) -> dict[tuple[str, str], Difference]:
+    """Per (defence, attack), how much expected accuracy fell over the attack's last quarter,
+    as the scoring draws see it: on the samples it attacked, the draws' accuracy on what it had
+    at the start of its last quarter minus their accuracy on its final examples."""
+    return _paired_falls(records, "late_predictions")
 
 
 def continues(attack: AttackConfig, start: AttackConfig) -> bool:
@@ -107,10 +114,17 @@ def continues(attack: AttackConfig, start: AttackConfig) -> bool:
             and attack.loss == start.loss and attack.deviation == start.deviation)
 
 
+def continued_attack(config: ExperimentConfig, attack: AttackConfig) -> AttackConfig | None:
+    """The attack of ``config`` that ``attack`` continues, if any."""
+    start = next((a for a in config.attacks if a.name == attack.start_from), None)
+    return start if start is not None and continues(attack, start) else None
+
+
 @dataclass(frozen=True)
 class Continuation:
     """``attack`` continued ``start`` on ``defense``; ``gain``: how much expected accuracy fell
-    from the start's examples to its own, paired over the samples it attacked."""
+    from the start's examples to its own, both scored by its draws, over the samples it attacked
+    (the start's own records would not do: the cascade chose those samples by them)."""
 
     defense: str
     start: str
@@ -121,23 +135,18 @@ class Continuation:
 def continuation_gains(records: list[dict], config: ExperimentConfig) -> list[Continuation]:
     """Every continuation in ``config`` with the gain its records show."""
     attacks = {a.name: a for a in config.attacks}
-    by_key = {(r["defense"], r["attack"], r["index"]): r for r in records}
-    gains: dict[tuple[str, str, str], list[float]] = {}
-    for record in records:
-        attack = attacks.get(record["attack"])
-        if attack is None or attack.start_from not in attacks or "skipped_by" in record:
-            continue
-        start = by_key.get((record["defense"], attack.start_from, record["index"]))
-        if start is not None and continues(attack, attacks[attack.start_from]):
-            gains.setdefault((record["defense"], attack.start_from, attack.name), []).append(
-                outcome(start).expected - outcome(record).expected)
-    return [Continuation(*key, paired_difference(values)) for key, values in gains.items()]
+    gains = []
+    for (defense, name), gain in _paired_falls(records, "start_predictions").items():
+        source = continued_attack(config, attacks[name]) if name in attacks else None
+        if source is not None:
+            gains.append(Continuation(defense, source.name, name, gain))
+    return gains
 
 
 @dataclass(frozen=True)
 class Convergence:
     """One attack on one defence (``owner``; ``victim=<name>`` for transfer): its trace, its
-    scored fall over the last quarter and its continuation, where each exists."""
+    scored fall over the last quarter and the largest gain of a continuation, where each exists."""
 
     owner: str
     attack: str
@@ -147,17 +156,17 @@ class Convergence:
 
     @property
     def basis(self) -> str:
-        """Which measure decides: ``continuation``, ``scored`` or ``trace``."""
-        if self.continuation is not None:
-            return "continuation"
-        return "scored" if self.scored_fall is not None else "trace"
+        """What decides: the scored measures where the attack has one (``scored``,
+        ``continuation`` or both), else its own-draw ``trace``."""
+        scored = [name for name, value in (("scored", self.scored_fall), ("continuation", self.continuation))
+                  if value is not None]
+        return " and ".join(scored) or "trace"
 
     @property
     def fall(self) -> float:
-        """The fall the deciding measure shows (a fraction of accuracy)."""
-        if self.continuation is not None:
-            return self.continuation.gain.mean
-        return self.scored_fall.mean if self.scored_fall is not None else self.curve.late_drop
+        """The largest fall the deciding measures show (a fraction of accuracy)."""
+        scored = [d.mean for d in (self.scored_fall, self.continuation and self.continuation.gain) if d is not None]
+        return max(scored) if scored else self.curve.late_drop
 
     @property
     def converged(self) -> bool:
@@ -168,7 +177,11 @@ def convergence(traces: list[dict], records: list[dict], config: ExperimentConfi
     """Every attack that has a trace, a scored fall or a continuation, per defence."""
     traced = {(c.owner, c.attack): c for c in curves(traces)}
     scored = scored_late_falls(records)
-    continued = {(c.defense, c.start): c for c in continuation_gains(records, config)}
+    continued: dict[tuple[str, str], Continuation] = {}
+    for item in continuation_gains(records, config):  # several continuations of one start: the largest gain
+        key = (item.defense, item.start)
+        if key not in continued or item.gain.mean > continued[key].gain.mean:
+            continued[key] = item
     keys = list(dict.fromkeys([*traced, *scored, *continued]))
     return [Convergence(owner, attack, traced.get((owner, attack)), scored.get((owner, attack)),
                         continued.get((owner, attack))) for owner, attack in keys]

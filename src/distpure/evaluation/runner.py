@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from tqdm import tqdm
 
@@ -29,6 +32,7 @@ from .distributed import Shard, current_shard, finish, shard_device
 from .metadata import RunClock, environment
 from ..seeding import derive_seed
 from .cascade import breaking_record, skipped_record
+from .convergence import continued_attack
 from .protocol import predict_draws, scorers
 from .records import Key, RecordWriter, check_dataset_indices, record_key, write_sorted
 from .resolved import claim_run_dir, resolved_settings
@@ -191,9 +195,10 @@ def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseCon
                     attack: AttackConfig, crafted: dict[tuple[str, str], Crafted]) -> list[dict]:
     """Attack one batch, then classify every example with the experiment's R scoring draws
     (or the attacker's frozen draw), one record per sample; samples an earlier attack of the
-    cascade broke are recorded as its, unattacked and unscored. Where the attack also returns
-    what it had at the start of its last quarter, the same draws score that too
-    (``late_predictions``: the paired measure of what the last quarter gained)."""
+    cascade broke are recorded as its, unattacked and unscored. The same draws also score what
+    the attack had at the start of its last quarter (``late_predictions``) and, for an attack
+    that continues another, the examples it started from (``start_predictions``): paired
+    measures of what its last quarter, and the whole continuation, gained."""
     config, labels = batch.config, batch.labels
     breaking = batch.breaking_records(spec, attack)
     attacked = [p for p, record in enumerate(breaking) if record is None]
@@ -202,18 +207,22 @@ def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseCon
         _append_warnings(batch.files, spec.name, attack.name, batch.number, result.warnings)
     seed = derive_seed(config.seed, spec.name, attack.name, batch.number)
     examples = result.examples[attacked]
+    _keep_examples(batch, spec.name, attack, attacked, examples, replace=True)
 
-    def score(images: torch.Tensor) -> list[list[int]]:  # fresh scorers: every call replays the same R draws
-        return predict_draws(scorers(defense, config.evaluation.draws, seed, result.frozen_scorer), images)
+    def score(images: torch.Tensor | None) -> Iterator[list[int]] | None:
+        """Per attacked sample, the R draws' predictions: fresh scorers seeded alike replay the
+        same draws at every call (a defence whose noise cannot be seeded would not)."""
+        if images is None or not attacked:
+            return None
+        return iter(predict_draws(scorers(defense, config.evaluation.draws, seed, result.frozen_scorer),
+                                  images[attacked]))
 
-    predictions = score(examples) if attacked else []
-    late = (iter(score(result.late_examples[attacked]))
-            if result.late_examples is not None and attacked else None)
+    scored, late = score(result.examples), score(result.late_examples)
+    start = score(result.start) if continued_attack(config, attack) is not None else None
     if batch.number == 0 and attacked:
         first_draw = scorers(defense, 1, seed, result.frozen_scorer)[0]  # replays the scored draw 0
         _save_examples(batch.files, spec.name, attack.name, batch.images[attacked], examples, first_draw)
     broken = result.broken.tolist() if result.broken is not None else [False] * len(labels)
-    scored = iter(predictions)
     records = []
     for p, (i, key, y) in enumerate(zip(batch.indices, batch.dataset_indices, labels.tolist())):
         if breaking[p] is not None:
@@ -222,6 +231,7 @@ def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseCon
         records.append({"index": i, "dataset_index": key, "defense": spec.name, "attack": attack.name,
                         "label": int(y), "predictions": next(scored),
                         **({"late_predictions": next(late)} if late is not None else {}),
+                        **({"start_predictions": next(start)} if start is not None else {}),
                         **({"verdict": "broken"} if broken[p] else {})})
     return records
 
@@ -233,29 +243,33 @@ def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: Defe
     attacks, across every defence whose examples come from the same model (the key names that
     model; transfer examples are crafted for every sample). Seeds depend only on names and the
     batch, and the cascade only on records, so recrafting after a resume gives the same examples;
-    an adaptive attack's examples are also kept on disk, and a warm start not crafted in this
-    session is read back from there when it covers the samples to attack."""
+    a warm start not crafted in this session is read back from the examples kept on disk when
+    they cover the samples to attack (and kept there when crafted)."""
     config = batch.config
     shared = attack.kind == "transfer"
     owner = _crafted_key(spec, attack, config)[0]
     if (owner, attack.name) not in crafted:
-        rows = [p for p, record in enumerate(batch.breaking_records(spec, attack)) if shared or record is None]
+        rows = list(range(len(batch.indices))) if shared else _attacked_rows(batch, spec, attack)
         start = None
-        if attack.start_from is not None:
+        if attack.start_from is not None and rows:
             source = next(a for a in config.attacks if a.name == attack.start_from)
-            start = None if _crafted_key(spec, source, config) in crafted else _kept_examples(
-                batch, spec.name, source.name, rows)
+            if _crafted_key(spec, source, config) not in crafted:
+                start = _kept_examples(batch, spec.name, source.name, rows)
             if start is None:
                 start = _adversarial_examples(batch, defense, spec, source, crafted).examples
+                source_rows = _attacked_rows(batch, spec, source)
+                _keep_examples(batch, spec.name, source, source_rows, start[source_rows], replace=False)
         result = _craft_rows(batch, defense, spec, attack, owner, start, rows)
         if result.trace:
             _append_jsonl(batch.files.traces, {"owner": owner, "attack": attack.name, "batch": batch.number,
                                                "n": len(rows), "trace": result.trace})
-        if rows and attack.kind not in KINDS_NOT_KEPT:
-            save_tensors({"examples": result.examples[rows], "rows": torch.tensor(rows)},
-                         batch.files.crafted_file(spec.name, attack.name, batch.number))
         crafted[owner, attack.name] = result
     return crafted[owner, attack.name]
+
+
+def _attacked_rows(batch: _Batch, spec: DefenseConfig, attack: AttackConfig) -> list[int]:
+    """The batch positions ``attack`` attacks on ``spec``: those no earlier attack of the cascade broke."""
+    return [p for p, record in enumerate(batch.breaking_records(spec, attack)) if record is None]
 
 
 def _crafted_key(spec: DefenseConfig, attack: AttackConfig, config: ExperimentConfig) -> tuple[str, str]:
@@ -264,14 +278,33 @@ def _crafted_key(spec: DefenseConfig, attack: AttackConfig, config: ExperimentCo
     return (f"victim={_victim_name(spec, config)}" if attack.kind == "transfer" else spec.name), attack.name
 
 
+def _keep_examples(batch: _Batch, defense: str, attack: AttackConfig, rows: list[int], examples: torch.Tensor,
+                   replace: bool) -> None:
+    """Keep an adaptive attack's examples of ``rows`` on disk (written whole, then renamed, so a
+    killed session never leaves half a file): always when they are being scored, and when only
+    recrafted as a warm start, if none are kept yet (those that were scored stay)."""
+    path = batch.files.crafted_file(defense, attack.name, batch.number)
+    if not rows or attack.kind in KINDS_NOT_KEPT or (path.is_file() and not replace):
+        return
+    partial = path.with_suffix(".partial")
+    save_tensors({"examples": examples, "rows": torch.tensor(rows)}, partial)
+    os.replace(partial, path)
+
+
 def _kept_examples(batch: _Batch, defense: str, attack: str, rows: list[int]) -> torch.Tensor | None:
     """``attack``'s kept examples of this batch (other rows: the clean images), if kept for
-    every row in ``rows``: a later attack of the cascade attacks only samples every earlier one
-    attacked, so a warm start is read back instead of recrafted with its whole chain."""
+    every row in ``rows`` and readable. Within a threat group a later attack of the cascade
+    attacks only samples every earlier one attacked, so a warm start is read back instead of
+    recrafted with its whole chain."""
     path = batch.files.crafted_file(defense, attack, batch.number)
     if not path.is_file():
         return None
-    kept = load_state_dict(path)
+    try:
+        kept = load_state_dict(path)
+    except (OSError, ValueError, SafetensorError) as error:  # e.g. cut short by a full disk
+        _LOG.warning("cannot read %s (%s): recrafting its examples", path, error)
+        path.unlink()
+        return None
     positions = kept["rows"].tolist()
     if not set(rows) <= set(positions):
         return None
@@ -301,7 +334,7 @@ def _craft_rows(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
     if result.late_examples is not None:
         late = (start if start is not None else images).clone()
         late[rows] = result.late_examples.detach().to(late)
-    return Crafted(examples, broken, result.frozen_scorer, result.warnings, result.trace, late)
+    return Crafted(examples, broken, result.frozen_scorer, result.warnings, result.trace, late, start)
 
 
 def _victim_name(spec: DefenseConfig, config: ExperimentConfig) -> str:

@@ -424,17 +424,20 @@ def _convergence_lines(run: _Run) -> list[str]:
              "–" if item.continuation is None else f"{item.continuation.attack}: {_fall_text(item.continuation.gain)}",
              ("converged" if item.converged else "**not converged**") + f" ({item.basis})"] for item in found]
     return ["### Convergence", "",
-            "Three measures of what more attacking would still gain, in points of expected accuracy; "
-            f"a fall above {100 * TOLERANCE:.0f} point marks the attack **not converged** (its robust "
-            "accuracy is an upper bound), decided by the strongest measure it has (in brackets). "
-            "*Continuation*: a later attack of the same kind and threat started from this one's "
-            "examples; how much the scoring draws' accuracy fell from this attack's examples to its, "
-            "paired over the samples it attacked. *Scored*: the same draws score both the final "
-            "examples and what the attack had kept at the start of its last quarter; their paired "
-            "fall. *Own draws*: the final iterate's accuracy on the attacker's own EOT draws and "
-            "its fall over the last quarter (the least-squares line ± its standard error); it "
-            "judges the current iterate on a few noisy draws and cannot see what keeping each "
-            "sample's best iterate gains, so it is the weakest measure. Intervals are 95 %.", "",
+            "What more attacking would still gain, in points of expected accuracy over the samples "
+            f"the attack attacked; a fall above {100 * TOLERANCE:.0f} point marks the attack **not "
+            "converged** (its robust accuracy is an upper bound). The scored measures decide where "
+            "the attack has one (the larger of them), else its own draws (in brackets: which "
+            "decided). *Scored fall over the last quarter*: the R scoring draws classify both the "
+            "final examples and what the attack had kept at the start of its last quarter. "
+            "*Continued by*: a later attack of the same kind and threat started from this one's "
+            "examples; the fall of its scoring draws' accuracy from those examples to its own "
+            "(the largest, if several). Both are paired on the same draws, with 95 % intervals, "
+            "and exist only for units run since distpure records them (n says how many samples). "
+            "*Own draws*: the final iterate's accuracy on the attacker's own EOT draws and its "
+            "fall over the last quarter (the least-squares line ± its standard error); it judges "
+            "the current iterate on a few noisy draws and cannot see what keeping each sample's "
+            "best iterate gains.", "",
             *_table(["defence (or victim)", "attack", "iterations / samples traced", "own-draw accuracy %",
                      "own-draw fall over last quarter", "scored fall over last quarter",
                      "continued by: scored fall", "status (measure)"], rows), ""]
