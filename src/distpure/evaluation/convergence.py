@@ -7,9 +7,9 @@
   continuation's;
 - the **trace**: accuracy on the attacker's own draws per iteration, pooled over the batches.
 
-Both scored measures are paired on the samples the later examples' attack attacked. A fall of
-more than ``TOLERANCE`` means more iterations (or EOT) would likely break more samples, so the
-attack's robust accuracy is an upper bound. The scored measures decide where an attack has one
+Both scored measures are paired over the samples the later attack attacked (the attack
+itself, or its continuation). A fall of more than ``TOLERANCE`` means more iterations (or EOT)
+would likely break more samples, so the attack's robust accuracy is an upper bound. The scored measures decide where an attack has one
 (the largest of them): they judge the examples the attack returns (its kept iterates) by fresh
 draws, while the trace judges its current iterate on its own few draws, which is noisier and
 blind to what keeping each sample's best iterate gains.
@@ -165,7 +165,8 @@ class Convergence:
     @property
     def fall(self) -> float:
         """The largest fall the deciding measures show (a fraction of accuracy)."""
-        scored = [d.mean for d in (self.scored_fall, self.continuation and self.continuation.gain) if d is not None]
+        gain = self.continuation.gain if self.continuation is not None else None
+        scored = [d.mean for d in (self.scored_fall, gain) if d is not None]
         return max(scored) if scored else self.curve.late_drop
 
     @property
