@@ -908,8 +908,10 @@ def test_report_of_a_finished_run(assets, reference_run, capsys):
     rows_by = {(r["defense"], r["attack"]): r for r in summary["rows"]}
     glance = lambda row: " / ".join(f"{100 * row[f'{s}_accuracy']:.1f}" for s in ("expected", "worst", "majority"))
     strongest = min(("transfer", "pgd"), key=lambda a: rows_by["purified", a]["accuracy"])
+    converged = summary_json(reference_run)["convergence"].get(f"purified/{strongest}", {"converged": True})
     assert (f"| purified | {glance(rows_by['purified', 'clean'])} | {glance(rows_by['purified', 'worst-case'])} | "
-            f"{strongest} ({100 * rows_by['purified', strongest]['accuracy']:.1f}) |") in text
+            f"{strongest} ({100 * rows_by['purified', strongest]['accuracy']:.1f})"
+            + ("" if converged["converged"] else ", **not converged**") + " |") in text
 
     assert "### Convergence" in text and (reference_run / "plots" / "convergence_pgd.png").is_file()
     assert main(["report", str(reference_run), "--json"]) == 0

@@ -516,9 +516,11 @@ def _pareto_lines(run: _Run) -> list[str]:
 
 def _glance_lines(run: _Run) -> list[str]:
     """The table to paste into a paper: per defence, clean and each threat group's worst case
-    under the three scorings, and the group's single strongest attack by the headline."""
+    under the three scorings, and the group's single strongest attack by the headline (marked
+    where the report finds it not converged)."""
     groups = worst_cases(run.config)
     clean = [a.name for a in run.config.attacks if a.kind == "clean"]
+    unconverged = {(c.owner, c.attack) for c in convergence(run.traces, run.records, run.config) if not c.converged}
     rows = []
     for defense in run.config.defenses:
         cells = [_scorings_cell(run.row(defense.name, name)) for name in clean]
@@ -527,7 +529,8 @@ def _glance_lines(run: _Run) -> list[str]:
                         if a.kind != "clean" and a.applies_to(defense.name)]
             strongest = min((r for r in attacked if r["total"]), key=lambda r: r["accuracy"], default=None)
             cells += [_scorings_cell(run.row(defense.name, name)),
-                      "–" if strongest is None else f"{strongest['attack']} ({100 * strongest['accuracy']:.1f})"]
+                      "–" if strongest is None else f"{strongest['attack']} ({100 * strongest['accuracy']:.1f})"
+                      + (", **not converged**" if (defense.name, strongest["attack"]) in unconverged else "")]
         rows.append([defense.name, *cells])
     header = ["defence", *clean, *(h for name in groups for h in (name, f"strongest of {name}"))]
     cascade = (" Under the cascade an attack's column also counts the samples earlier attacks of "
