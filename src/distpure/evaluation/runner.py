@@ -247,8 +247,9 @@ def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: Defe
     they cover the samples to attack (and kept there when crafted)."""
     config = batch.config
     shared = attack.kind == "transfer"
-    owner = _crafted_key(spec, attack, config)[0]
-    if (owner, attack.name) not in crafted:
+    key = _crafted_key(spec, attack, config)
+    owner = key[0]
+    if key not in crafted:
         rows = list(range(len(batch.indices))) if shared else _attacked_rows(batch, spec, attack)
         start = None
         if attack.start_from is not None and rows:
@@ -263,8 +264,8 @@ def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: Defe
         if result.trace:
             _append_jsonl(batch.files.traces, {"owner": owner, "attack": attack.name, "batch": batch.number,
                                                "n": len(rows), "trace": result.trace})
-        crafted[owner, attack.name] = result
-    return crafted[owner, attack.name]
+        crafted[key] = result
+    return crafted[key]
 
 
 def _attacked_rows(batch: _Batch, spec: DefenseConfig, attack: AttackConfig) -> list[int]:
