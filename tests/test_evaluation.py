@@ -37,7 +37,7 @@ from distpure.evaluation.cascade import breaking_record, cascade_sources, skippe
 from distpure.evaluation.config import (DefenseConfig, ExperimentConfig, load_experiment)
 from distpure.evaluation.records import RecordWriter, read_records, write_sorted
 from distpure.evaluation.resolved import claim_run_dir
-from distpure.evaluation.rundir import RunDirectory
+from distpure.evaluation.rundir import ProgressFile, RunDirectory
 from distpure.evaluation.runner import run_experiment
 from distpure.evaluation.stats import accuracy, paired_difference, wilson_interval
 from distpure.evaluation.summary import format_table, interval_text, summarize
@@ -831,6 +831,51 @@ def test_killed_run_resumes_to_identical_results(assets, config_path, reference_
     assert _summary_accuracies(run_dir) == _summary_accuracies(reference_run)
     _assert_same_examples(run_dir, reference_run)
     assert "purified" in resumed.stdout  # the table printed at the end
+
+
+def test_a_session_killed_mid_attack_resumes_that_attack(assets, tmp_path, monkeypatch):
+    """A session that ends between two iterations of an attack leaves its progress in the run
+    directory; the next session resumes the attack at that iteration and makes the records of an
+    uninterrupted run. Once crafted, the progress file goes."""
+    attacks = ATTACKS[:2] + [{**ATTACKS[2], "steps": 4, "eot": 2}]
+    config = load_experiment(write_yaml(tmp_path / "long.yaml", experiment(assets, attacks=attacks)))
+    whole = tmp_path / "whole"
+    run_experiment(config, whole, show_progress=False)
+
+    class Killed(Exception):
+        pass
+
+    saved, loaded = [], []
+    save, load = ProgressFile.save, ProgressFile.load
+
+    def save_then_kill(self, progress):  # the first batch: 4 iterations on "none", then "purified"
+        save(self, progress)
+        saved.append((self.path.parent.name, progress["step"]))
+        if len(saved) == 6:
+            raise Killed
+
+    def noting_load(self):
+        progress = load(self)
+        loaded.append((self.path.parent.name, progress and progress["step"]))
+        return progress
+
+    monkeypatch.setattr(ProgressFile, "save", save_then_kill)
+    monkeypatch.setattr(ProgressFile, "load", noting_load)
+    run_dir = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run_experiment(config, run_dir, show_progress=False)
+    assert saved[-1] == ("purified__pgd", 2)
+    progress_files = list((run_dir / "crafted").rglob("*.progress.pt"))
+    assert [p.name for p in progress_files] == ["batch0000.progress.pt"]
+    seconds_before = torch.load(progress_files[0], weights_only=True)["seconds"]
+    loaded.clear()
+    run_experiment(config, run_dir, show_progress=False)
+    assert loaded[0] == ("purified__pgd", 2)  # resumed there, not from the start
+    unit = [t for t in read_records(run_dir / "timings.jsonl") if (t["defense"], t["attack"], t["batch"]) == ("purified", "pgd", 0)]
+    assert len(unit) == 1 and unit[0]["seconds"] >= round(seconds_before, 2) > 0  # the killed session's part counts
+    assert read_records(run_dir / "results.jsonl") == read_records(whole / "results.jsonl")
+    assert RunDirectory(run_dir).read_traces() == RunDirectory(whole).read_traces()
+    assert not list((run_dir / "crafted").rglob("*.progress.pt"))
 
 
 def _free_port() -> int:

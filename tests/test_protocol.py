@@ -147,7 +147,8 @@ def test_an_attack_kind_is_one_registered_class(tiny_victim, tiny_images):
     class Corner(Attack):
         """Moves every pixel by ε toward the nearer end of [0, 1]."""
 
-        def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None):
+        def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None,
+                    progress=None):
             step = torch.where(images < 0.5, -self.config.eps, self.config.eps)
             return Crafted((images + step).clamp(0, 1))
 

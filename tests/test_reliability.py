@@ -34,12 +34,13 @@ from distpure.cli.main import main
 from distpure.data import read_image
 from distpure.defenses.defended import DefendedClassifier
 from distpure.defenses.purifier import Purifier, PurifierConfig
+from distpure.evaluation.rundir import ProgressFile
 from distpure.models.classifiers import load_classifier
 from distpure.models.diffusion import DiffusionModel, load_diffusion
 from distpure.models.weights import UnsafeCheckpointError, save_state_dict
 from distpure.training.checkpoint import load_if_exists
 
-from conftest import make_tiny_diffusion
+from conftest import make_tiny_diffusion, make_tiny_images, make_tiny_victim
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "distpure"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -405,6 +406,68 @@ def test_hub_cache_snapshot_links_are_followed(tmp_path, saved_diffusion):
         file.rename(repo / "blobs" / file.name)
         (snapshot / file.name).symlink_to(Path("../../blobs") / file.name)
     assert isinstance(DiffusionModel.from_pretrained(snapshot), DiffusionModel)
+
+
+# ----------------------------------------------------------------------------- killed attacks
+
+class _Killed(Exception):
+    """Stands for the end of a session between two iterations of an attack."""
+
+
+class _Watched(ProgressFile):
+    """A progress file that notes the iteration of each save, the session ending after
+    ``kill_after`` saves if given."""
+
+    def __init__(self, path: Path, kill_after: int | None = None) -> None:
+        super().__init__(path)
+        self.kill_after, self.saved_steps = kill_after, []
+
+    def save(self, progress: dict) -> None:
+        super().save(progress)
+        self.saved_steps.append(progress["step"])
+        if len(self.saved_steps) == self.kill_after:
+            raise _Killed
+
+
+def _attack_with_noise(images: torch.Tensor, progress: ProgressFile | None = None) -> tuple:
+    """Exact PGD-EOT on a victim-guided purifier, every random part on (the attacker's noise,
+    held-out judge draws, momentum), built afresh as a new session would; its examples, trace
+    and late examples."""
+    diffusion, victim = make_tiny_diffusion(), make_tiny_victim()
+    labels = victim(images).argmax(1)
+    purifier = Purifier(diffusion, PurifierConfig(t_star=20, num_steps=2, victim_scale=3.0, seed=5), victim)
+    judge = DefendedClassifier(victim, purifier.variant(seed=6))
+    config = PGDConfig(eps=8 / 255, steps=5, eot=2, momentum=0.75, holdout_draws=2, seed=7)
+    trace, late = [], []
+    examples = pgd(DefendedClassifier(victim, purifier), images, labels, config, trace=trace, judge=judge,
+                   late=late, progress=progress)
+    return examples, trace, late
+
+
+def test_an_attack_killed_between_iterations_resumes_to_the_same_result(tmp_path):
+    images = make_tiny_images(3, seed=4, low=0.2, high=0.8)
+    examples, trace, late = _attack_with_noise(images)
+    path = tmp_path / "progress.pt"
+    with pytest.raises(_Killed):
+        _attack_with_noise(images, _Watched(path, kill_after=2))
+    saved = ProgressFile(path).load()
+    assert saved["step"] == 2 and len(saved["trace"]) == 2 and saved["late"] == []
+    resumed_file = _Watched(path)
+    resumed = _attack_with_noise(images, resumed_file)
+    assert resumed_file.saved_steps == [3, 4, 5]  # from where it stopped, not from the start
+    assert torch.equal(resumed[0], examples) and resumed[1] == trace
+    assert len(late) == 1 and torch.equal(resumed[2][0], late[0])
+    # progress kept to the end replays the result without iterating
+    finished = _Watched(path)
+    assert torch.equal(_attack_with_noise(images, finished)[0], examples) and finished.saved_steps == []
+    # progress of other inputs, or cut short (unreadable), is ignored: the attack starts afresh
+    others = make_tiny_images(3, seed=5, low=0.2, high=0.8)
+    elsewhere = _Watched(path)
+    assert torch.equal(_attack_with_noise(others, elsewhere)[0], _attack_with_noise(others)[0])
+    assert elsewhere.saved_steps == [1, 2, 3, 4, 5]
+    path.write_bytes(path.read_bytes()[:100])
+    torn = _Watched(path)
+    assert torch.equal(_attack_with_noise(images, torn)[0], examples) and torn.saved_steps == [1, 2, 3, 4, 5]
 
 
 # ----------------------------------------------------------------------------- killed training

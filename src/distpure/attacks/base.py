@@ -11,6 +11,7 @@ from ..defenses.defended import DefendedClassifier
 from ..registry import Registry
 
 if TYPE_CHECKING:
+    from .pgd import ProgressStore
     from .suite import AttackConfig
 
 
@@ -43,11 +44,13 @@ class Attack:
 
     def perturb(self, defense: DefendedClassifier, images: torch.Tensor, labels: torch.Tensor,
                 seed: int, start: torch.Tensor | None = None, sample_keys: list[int] | None = None,
-                frozen_seed: int | None = None) -> Crafted:
+                frozen_seed: int | None = None, progress: "ProgressStore | None" = None) -> Crafted:
         """Examples for ``defense`` (images in [0, 1]); iterative attacks begin at ``start`` when
         given. Under frozen noise each sample's fixed draw comes from ``frozen_seed`` (one per
         defence, so that every frozen attack of a threat group meets the same draw; derived from
-        ``seed`` if not given) and its key in ``sample_keys`` (e.g. its dataset index)."""
+        ``seed`` if not given) and its key in ``sample_keys`` (e.g. its dataset index). The PGD
+        kinds keep their progress in ``progress`` and resume from it (``pgd.pgd``); the others,
+        one-shot or run by pyautoattack, ignore it."""
         raise NotImplementedError
 
 

@@ -16,7 +16,7 @@ from .autoattack import run_autoattack
 from .base import ATTACKS, Attack, Crafted
 from .bpda import BPDA
 from .deviation import DeviatedReconstruction
-from .pgd import attack_loss, pgd
+from .pgd import ProgressStore, attack_loss, pgd
 
 APGD_LOSSES = ("ce", "dlr")
 
@@ -25,7 +25,8 @@ APGD_LOSSES = ("ce", "dlr")
 class Clean(Attack):
     """No attack: the clean images."""
 
-    def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None) -> Crafted:
+    def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None,
+                progress=None) -> Crafted:
         return Crafted(images)
 
 
@@ -33,9 +34,10 @@ class Clean(Attack):
 class Transfer(Attack):
     """PGD on the undefended victim; the defence is met only when the examples are scored."""
 
-    def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None) -> Crafted:
+    def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None,
+                progress=None) -> Crafted:
         config, trace = self.config.pgd_config(derive_seed(seed, "pgd-start")), []
-        return Crafted(pgd(defense.victim, images, labels, config, start, trace), trace=trace)
+        return Crafted(pgd(defense.victim, images, labels, config, start, trace, progress=progress), trace=trace)
 
 
 class DefenceAttack(Attack):
@@ -43,21 +45,23 @@ class DefenceAttack(Attack):
     purifier as this kind runs it, drawing noise of the attacker's own, or, under the frozen-noise
     threat model, one fixed draw per sample that attacker and scorer share."""
 
-    def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None) -> Crafted:
+    def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None,
+                progress=None) -> Crafted:
         if frozen_seed is None:
             frozen_seed = derive_seed(seed, "frozen-noise")
         frozen = self.frozen_defense(defense, images, sample_keys, frozen_seed) if self.config.frozen_noise else None
         scored = frozen or defense
-        return self.attack(scored, self.attacked_model(scored, seed), images, labels, seed, start, frozen)
+        return self.attack(scored, self.attacked_model(scored, seed), images, labels, seed, start, frozen, progress)
 
     def attack(self, defense: DefendedClassifier, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               seed: int, start: torch.Tensor | None, frozen: DefendedClassifier | None) -> Crafted:
+               seed: int, start: torch.Tensor | None, frozen: DefendedClassifier | None,
+               progress: ProgressStore | None = None) -> Crafted:
         """PGD with EOT on ``model``, what the attacker differentiates of ``defense`` (the kinds
         differ in it); with ``holdout_draws`` the iterate kept is judged by held-out draws of
         ``defense`` itself."""
         config, trace, late = self.config.pgd_config(derive_seed(seed, "pgd-start")), [], []
         judge = self.judge(defense, seed) if config.holdout_draws else None
-        examples = pgd(model, images, labels, config, start, trace, judge, late)
+        examples = pgd(model, images, labels, config, start, trace, judge, late, progress)
         return Crafted(examples, frozen_scorer=frozen, trace=trace, late_examples=late[0] if late else None)
 
     @staticmethod
@@ -133,7 +137,7 @@ class SurrogatePGD(DefenceAttack):
 class AutoAttackEnsemble(DefenceAttack):
     """AutoAttack's ``standard`` or ``rand`` ensemble, its own verdict and warnings kept."""
 
-    def attack(self, defense, model, images, labels, seed, start, frozen) -> Crafted:
+    def attack(self, defense, model, images, labels, seed, start, frozen, progress=None) -> Crafted:
         config = self.config
         result = run_autoattack(model, images, labels, norm=config.norm, eps=config.eps,
                                 version=config.version, iterations=config.iterations,
@@ -149,7 +153,7 @@ class APGD(DefenceAttack):
     the first of which starts at ``start`` (a warm start) when given: the fresh scoring draws,
     not one forward of the attacker's, then judge it."""
 
-    def attack(self, defense, model, images, labels, seed, start, frozen) -> Crafted:
+    def attack(self, defense, model, images, labels, seed, start, frozen, progress=None) -> Crafted:
         from pyautoattack.autopgd_base import APGDAttack
 
         config = self.config

@@ -7,13 +7,15 @@ costs nothing and steadies the direction when single draws' gradients barely agr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import hashlib
+from dataclasses import dataclass, fields
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..seeding import noise_generators
 from ..validation import check_choice, check_labels, check_unit_images
 
 NORMS = ("linf", "l2")
@@ -75,10 +77,41 @@ def attack_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.
     return margin / (ranked[:, 0] - ranked[:, 2] + 1e-12)
 
 
+class ProgressStore(Protocol):
+    """Where an iterative attack keeps its progress after every iteration (e.g. a file), so that
+    a run killed mid-attack resumes it where it stopped, with the same result."""
+
+    def load(self) -> dict | None:
+        """The progress saved last, or None."""
+
+    def save(self, progress: dict) -> None:
+        """Keep ``progress`` (tensors, numbers, strings, lists and dicts of them)."""
+
+
+@dataclass
+class _Iterate:
+    """What PGD carries from one iteration to the next: the next iteration's index, the
+    perturbation, the best iterate per sample with its score (fraction of held-out draws
+    fooled, then loss) and the momentum direction."""
+
+    step: int
+    delta: torch.Tensor
+    best: torch.Tensor
+    best_fooled: torch.Tensor
+    best_loss: torch.Tensor
+    direction: torch.Tensor
+
+    def keep_if_better(self, x: torch.Tensor, fooled: torch.Tensor, loss: torch.Tensor) -> None:
+        improved = (fooled > self.best_fooled) | ((fooled == self.best_fooled) & (loss > self.best_loss))
+        self.best[improved] = x[improved]
+        self.best_fooled = torch.where(improved, fooled, self.best_fooled)
+        self.best_loss = torch.where(improved, loss, self.best_loss)
+
+
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         config: PGDConfig | None = None, start: torch.Tensor | None = None,
         trace: list[dict] | None = None, judge: nn.Module | None = None,
-        late: list[torch.Tensor] | None = None) -> torch.Tensor:
+        late: list[torch.Tensor] | None = None, progress: ProgressStore | None = None) -> torch.Tensor:
     """Adversarial examples within the ε-ball of ``images`` (clipped to [0, 1]); images outside
     [0, 1] or labels outside the model's outputs are a ValueError (labels: at the first forward).
 
@@ -91,44 +124,77 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     has it added to the loss the steps ascend; iterates are still kept, and traced, by the
     classification loss. ``late``, if given, receives what the attack would have returned had it
     stopped at the start of its last quarter (iteration ``late_iteration(steps)``): scored beside
-    the final examples, it shows what the last quarter gained."""
+    the final examples, it shows what the last quarter gained. ``progress``, if given, keeps the
+    iterate, trace, late examples and the noise streams of ``model`` and ``judge`` after every
+    iteration, and an attack on the same inputs resumes from what it holds: the result is the
+    same as without the interruption."""
     check_unit_images(images)
     config = config or PGDConfig()
-    generator = torch.Generator().manual_seed(config.seed)
-    if start is not None:
-        delta = _project(start.to(images) - images, images, config)
-    elif config.random_start:
-        delta = _random_start(images, config, generator)
+    generators = noise_generators(model, judge)
+    fingerprint = _fingerprint(images, labels, start, config, len(generators))
+    saved = progress.load() if progress is not None else None
+    if saved is not None and saved.get("fingerprint") == fingerprint:
+        iterate = _restore(saved, images, generators, trace, late)
     else:
-        delta = torch.zeros_like(images)
-    best = (images + delta).detach()
-    best_score = (torch.full((len(images),), -1.0, device=images.device),
-                  torch.full((len(images),), float("-inf"), device=images.device))
-    direction = torch.zeros_like(images)
-
-    def keep_if_better(x: torch.Tensor, loss: torch.Tensor) -> None:
-        nonlocal best_score
-        score = (_fooled(judge, x, labels, config.holdout_draws), loss)
-        improved = (score[0] > best_score[0]) | ((score[0] == best_score[0]) & (score[1] > best_score[1]))
-        best[improved] = x[improved]
-        best_score = tuple(torch.where(improved, new, old) for new, old in zip(score, best_score))
-
-    for step in range(config.steps):
-        loss, gradient, accuracy = eot_loss_and_gradient(model, images + delta, labels, config)
+        iterate = _first_iterate(images, start, config)
+    for step in range(iterate.step, config.steps):
+        loss, gradient, accuracy = eot_loss_and_gradient(model, images + iterate.delta, labels, config)
         _record(trace, step, loss, accuracy)
         if config.keep_best:
-            keep_if_better((images + delta).detach(), loss)
+            x = (images + iterate.delta).detach()
+            iterate.keep_if_better(x, _fooled(judge, x, labels, config.holdout_draws), loss)
         if late is not None and step == late_iteration(config.steps):
-            late.append((best if config.keep_best else images + delta).detach().clone())
-        direction = config.momentum * direction + _unit_l1(gradient) if config.momentum else gradient
-        delta = _project(delta + config.alpha * _ascent_direction(direction, config.norm), images, config)
-    final = (images + delta).detach()
+            late.append((iterate.best if config.keep_best else images + iterate.delta).detach().clone())
+        iterate.direction = config.momentum * iterate.direction + _unit_l1(gradient) if config.momentum else gradient
+        iterate.delta = _project(iterate.delta + config.alpha * _ascent_direction(iterate.direction, config.norm),
+                                 images, config)
+        iterate.step = step + 1
+        if progress is not None:
+            progress.save({"fingerprint": fingerprint, **vars(iterate), "trace": list(trace or []),
+                           "late": list(late or []), "generators": [g.get_state() for g in generators]})
+    final = (images + iterate.delta).detach()
     if not config.keep_best or config.steps == 0:
         return final
     final_loss, _, accuracy = eot_loss_and_gradient(model, final, labels, config, need_gradient=False)
     _record(trace, config.steps, final_loss, accuracy)
-    keep_if_better(final, final_loss)
-    return best
+    iterate.keep_if_better(final, _fooled(judge, final, labels, config.holdout_draws), final_loss)
+    return iterate.best
+
+
+def _first_iterate(images: torch.Tensor, start: torch.Tensor | None, config: PGDConfig) -> _Iterate:
+    """Iteration 0: the warm start, a random point of the ball, or the images themselves."""
+    if start is not None:
+        delta = _project(start.to(images) - images, images, config)
+    elif config.random_start:
+        delta = _random_start(images, config, torch.Generator().manual_seed(config.seed))
+    else:
+        delta = torch.zeros_like(images)
+    return _Iterate(0, delta, (images + delta).detach(), torch.full((len(images),), -1.0, device=images.device),
+                    torch.full((len(images),), float("-inf"), device=images.device), torch.zeros_like(images))
+
+
+def _restore(saved: dict, images: torch.Tensor, generators: list[torch.Generator],
+             trace: list[dict] | None, late: list[torch.Tensor] | None) -> _Iterate:
+    """The iterate ``saved`` holds, its trace and late examples put back into the caller's lists
+    and the noise streams rewound to where they were."""
+    for generator, state in zip(generators, saved["generators"]):
+        generator.set_state(state)
+    if trace is not None:
+        trace.extend(saved["trace"])
+    if late is not None:
+        late.extend(x.to(images) for x in saved["late"])
+    return _Iterate(**{f.name: saved[f.name] if f.name == "step" else saved[f.name].to(images.device)
+                       for f in fields(_Iterate)})
+
+
+def _fingerprint(images: torch.Tensor, labels: torch.Tensor, start: torch.Tensor | None, config: PGDConfig,
+                 streams: int) -> str:
+    """What an attack's progress belongs to: its inputs, settings and number of noise streams."""
+    digest = hashlib.sha256(repr((config, streams, tuple(images.shape))).encode())
+    for tensor in (images, labels, start):
+        if tensor is not None:
+            digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def late_iteration(steps: int) -> int:

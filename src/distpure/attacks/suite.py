@@ -20,7 +20,7 @@ from . import kinds  # noqa: F401  (registers the attack kinds)
 from .autoattack import ATTACK_NAMES as AUTOATTACK_ATTACKS
 from .autoattack import VERSIONS as AUTOATTACK_VERSIONS
 from .base import ATTACKS, Crafted
-from .pgd import PGDConfig
+from .pgd import PGDConfig, ProgressStore
 
 
 # What a surrogate attack may change in its copy of the purifier (the defence it approximates).
@@ -127,8 +127,9 @@ class AttackConfig:
 
 def craft(attack: AttackConfig, defense: DefendedClassifier, images: torch.Tensor,
           labels: torch.Tensor, seed: int, start: torch.Tensor | None = None,
-          sample_keys: list[int] | None = None, frozen_seed: int | None = None) -> Crafted:
+          sample_keys: list[int] | None = None, frozen_seed: int | None = None,
+          progress: ProgressStore | None = None) -> Crafted:
     """Adversarial examples for ``defense`` under ``attack``, by the class registered for its
-    kind (see ``kinds`` and ``Attack.perturb``)."""
+    kind (see ``kinds`` and ``Attack.perturb``; ``progress`` lets a PGD kind resume mid-attack)."""
     return ATTACKS.build(attack.kind, config=attack).perturb(defense, images, labels, seed, start,
-                                                             sample_keys, frozen_seed)
+                                                             sample_keys, frozen_seed, progress)

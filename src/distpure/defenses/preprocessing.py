@@ -123,7 +123,8 @@ class MedianFilter(nn.Module):
 @PREPROCESSING.register("resize-pad")
 class RandomResizePad(nn.Module):
     """Xie et al. (2018), per image: resize to a random s' ∈ [s, ⌊scale·s⌋], zero-pad at a random
-    offset to ⌊scale·s⌋, then resize back to s; ``seed`` makes the draws reproducible."""
+    offset to ⌊scale·s⌋, then resize back to s; ``seed`` makes the draws reproducible (they come
+    from ``noise_generator``, whose state an interrupted attack saves to resume)."""
 
     stochastic = True
 
@@ -134,7 +135,7 @@ class RandomResizePad(nn.Module):
         self.scale = scale
         self.mode = mode
         self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
+        self.noise_generator = torch.Generator().manual_seed(seed)
 
     def variant(self, seed: int, **purifier_settings) -> "RandomResizePad":
         """The same transformation with a random stream of its own (for the attacker or one
@@ -155,7 +156,7 @@ class RandomResizePad(nn.Module):
 
     def _draw(self, high: int) -> int:
         """A uniform integer in [0, high]."""
-        return int(torch.randint(high + 1, (), generator=self._generator))
+        return int(torch.randint(high + 1, (), generator=self.noise_generator))
 
 
 def _gradient(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

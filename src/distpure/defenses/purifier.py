@@ -95,7 +95,9 @@ class ReverseState:
 
 
 class Purifier(nn.Module):
-    """Maps images in [0, 1] to purified images in [0, 1] (N x C x H x W)."""
+    """Maps images in [0, 1] to purified images in [0, 1] (N x C x H x W). Fresh noise comes
+    from ``noise_generator`` (seeded by ``config.seed``), whose state an interrupted attack
+    saves to resume with the same draws."""
 
     def __init__(self, diffusion: NoisePredictor, config: PurifierConfig | None = None,
                  victim: nn.Module | None = None, guidance: Guidance | None = None) -> None:
@@ -116,7 +118,7 @@ class Purifier(nn.Module):
         t_star_time = self.t_star / diffusion.num_train_timesteps
         self.timesteps = (reverse_sde_times(t_star_time, self.config.dt) if self.sde is not None
                           else reverse_timesteps(self.t_star, self.config.num_steps))
-        self._generator = torch.Generator().manual_seed(self.config.seed)
+        self.noise_generator = torch.Generator().manual_seed(self.config.seed)
         self._variants = 0
         self._samples: tuple[torch.Tensor, list[int]] | None = None
         self._trajectories: list[list[ReverseState]] | None = None
@@ -158,7 +160,7 @@ class Purifier(nn.Module):
 
     def reseed(self, seed: int) -> None:
         """Restart the noise stream: purifications after this are reproducible from ``seed``."""
-        self._generator.manual_seed(seed)
+        self.noise_generator.manual_seed(seed)
 
     @contextmanager
     def trajectories(self) -> Iterator[list[list[ReverseState]]]:
@@ -183,7 +185,7 @@ class Purifier(nn.Module):
                       for start, chunk in zip(range(0, len(images), self.config.batch_size),
                                               images.split(self.config.batch_size))]
         else:
-            chunks = [(chunk, self.draw_noise(chunk.shape, self._generator))
+            chunks = [(chunk, self.draw_noise(chunk.shape, self.noise_generator))
                       for chunk in images.split(self.config.batch_size)]
         states: list[list[ReverseState]] = []
         purified = torch.cat([self._purify(chunk, chunk_noise, states) for chunk, chunk_noise in chunks])

@@ -16,14 +16,26 @@
 - ``crafted/<defence>__<attack>/batch<N>.safetensors``: every adaptive attack's examples of the
   samples it attacked (float32, with their positions in the batch), kept so that an attack
   appended later starts from them instead of recrafting its whole chain of warm starts;
+- ``crafted/<defence>__<attack>/batch<N>.progress.pt``: a PGD attack's progress while it is
+  being crafted (its iterate and noise streams after the last iteration; see ``pgd.pgd``), so
+  that a session killed mid-attack loses at most one iteration; deleted once crafted;
 - ``report.md``, ``results.csv``, ``plots/``: written by ``distpure report``.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
+import pickle
+import time
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from .records import read_records, record_key
+
+_LOG = logging.getLogger("distpure")
 
 
 class RunDirectory:
@@ -54,6 +66,9 @@ class RunDirectory:
 
     def crafted_file(self, defense: str, attack: str, batch: int) -> Path:
         return self.crafted / f"{defense}__{attack}" / f"batch{batch:04d}.safetensors"
+
+    def progress_file(self, defense: str, attack: str, batch: int) -> Path:
+        return self.crafted_file(defense, attack, batch).with_suffix(".progress.pt")
 
     def shard_result_files(self) -> list[Path]:
         return sorted(self.root.glob("results.rank*.jsonl"))
@@ -89,3 +104,47 @@ class RunDirectory:
         resume writes its trace again, identically)."""
         traces = {(t["owner"], t["attack"], t["batch"]): t for t in read_records(self.traces)}
         return list(traces.values())
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a file beside ``path``, then rename it to ``path``: a session killed meanwhile
+    leaves the previous file whole, never half of the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+class ProgressFile:
+    """An attack's progress (``pgd.ProgressStore``) in one file of the run directory, rewritten
+    whole after every iteration with the seconds spent on the attack so far, over sessions
+    (``earlier_seconds``: what a loaded file had, counted even where the attack then discards
+    progress made on other inputs, as that time was spent); ``on_save`` runs after each save
+    (the run saves its wall clock). An unreadable file (cut short by a full disk) counts as none."""
+
+    def __init__(self, path: Path, on_save: Callable[[], None] | None = None) -> None:
+        self.path = path
+        self.on_save = on_save
+        self.earlier_seconds = 0.0
+        self._started = time.monotonic()
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            _LOG.warning("cannot read %s (%s): the attack starts afresh", self.path, error)
+            self.path.unlink()
+            return None
+        self.earlier_seconds = saved["seconds"]
+        return saved["progress"]
+
+    def save(self, progress: dict) -> None:
+        seconds = self.earlier_seconds + time.monotonic() - self._started
+        write_atomically(self.path, lambda partial: torch.save({"progress": progress, "seconds": seconds}, partial))
+        if self.on_save is not None:
+            self.on_save()
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from .convergence import continued_attack
 from .protocol import predict_draws, scorers
 from .records import Key, RecordWriter, check_dataset_indices, record_key, write_sorted
 from .resolved import claim_run_dir, resolved_settings
-from .rundir import RunDirectory
+from .rundir import ProgressFile, RunDirectory, write_atomically
 from .summary import summarize
 from .timing import unit_timing
 
@@ -71,16 +70,17 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
                                                    desc=config.name, dynamic_ncols=True) as progress:
         for batch_index, start in work:
             batch = _Batch(config, data, list(range(start, min(start + config.batch_size, len(data)))),
-                           batch_index, device, files, written)
+                           batch_index, device, files, written, clock if shard.is_main else None)
             crafted: dict[tuple[str, str], Crafted] = {}
             for defense_config, attack in pairs:
                 if not all((i, defense_config.name, attack.name) in written for i in batch.indices):
-                    started = time.monotonic()
+                    started, batch.resumed_seconds = time.monotonic(), 0.0
                     records = _evaluate_batch(batch, defenses[defense_config.name], defense_config,
                                               attack, crafted)
                     writer.write(records)
+                    seconds = time.monotonic() - started + batch.resumed_seconds
                     _append_jsonl(files.timings, unit_timing(defense_config.name, attack.name, batch_index,
-                                                             time.monotonic() - started, records))
+                                                             seconds, records))
                     written.update((record_key(r), r) for r in records)
                     if shard.is_main:  # a unit can take an hour: a killed session keeps its time
                         clock.save()
@@ -162,8 +162,10 @@ def _build_defense(spec: DefenseConfig, config: ExperimentConfig, victim: nn.Mod
 
 @dataclass
 class _Batch:
-    """One batch of the evaluation: where its images are, what the run is, and the records
-    written so far (the cascade reads earlier attacks' records)."""
+    """One batch of the evaluation: where its images are, what the run is, the records written
+    so far (the cascade reads earlier attacks' records), the run's wall clock (the main
+    process's, saved with every iteration an attack keeps) and the crafting seconds that the
+    current unit resumed from earlier sessions (counted in its time)."""
 
     config: ExperimentConfig
     data: LabelledImages
@@ -172,6 +174,8 @@ class _Batch:
     device: torch.device
     files: RunDirectory
     written: dict[Key, dict]
+    clock: RunClock | None
+    resumed_seconds: float = 0.0
 
     @property
     def images(self) -> torch.Tensor:
@@ -287,9 +291,7 @@ def _keep_examples(batch: _Batch, defense: str, attack: AttackConfig, rows: list
     path = batch.files.crafted_file(defense, attack.name, batch.number)
     if not rows or attack.kind in KINDS_NOT_KEPT or (path.is_file() and not replace):
         return
-    partial = path.with_suffix(".partial")
-    save_tensors({"examples": examples, "rows": torch.tensor(rows)}, partial)
-    os.replace(partial, path)
+    write_atomically(path, lambda partial: save_tensors({"examples": examples, "rows": torch.tensor(rows)}, partial))
 
 
 def _kept_examples(batch: _Batch, defense: str, attack: str, rows: list[int]) -> torch.Tensor | None:
@@ -325,8 +327,14 @@ def _craft_rows(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
     seed = derive_seed(config.seed, owner, attack.name, batch.number)
     frozen_seed = derive_seed(config.seed, spec.name, "frozen-noise")  # one draw per defence
     keys = [batch.dataset_indices[p] for p in rows]
+    progress = (None if attack.kind in KINDS_NOT_KEPT
+                else ProgressFile(batch.files.progress_file(spec.name, attack.name, batch.number),
+                                  on_save=batch.clock.save if batch.clock is not None else None))
     result = craft(attack, defense, images[rows], batch.labels[rows], seed,
-                   start[rows] if start is not None else None, keys, frozen_seed)
+                   start[rows] if start is not None else None, keys, frozen_seed, progress)
+    if progress is not None:
+        batch.resumed_seconds += progress.earlier_seconds
+        progress.clear()
     examples[rows] = result.examples.detach().to(examples)
     broken = late = None
     if result.broken is not None:
