@@ -38,6 +38,7 @@ from distpure.evaluation.config import (DefenseConfig, ExperimentConfig, load_ex
 from distpure.evaluation.records import RecordWriter, read_records, write_sorted
 from distpure.evaluation.resolved import claim_run_dir
 from distpure.evaluation.rundir import ProgressFile, RunDirectory
+from distpure.evaluation import runner as runner_module
 from distpure.evaluation.runner import run_experiment
 from distpure.evaluation.stats import accuracy, paired_difference, wilson_interval
 from distpure.evaluation.summary import format_table, interval_text, summarize
@@ -835,8 +836,10 @@ def test_killed_run_resumes_to_identical_results(assets, config_path, reference_
 
 def test_a_session_killed_mid_attack_resumes_that_attack(assets, tmp_path, monkeypatch):
     """A session that ends between two iterations of an attack leaves its progress in the run
-    directory; the next session resumes the attack at that iteration and makes the records of an
-    uninterrupted run. Once crafted, the progress file goes."""
+    directory; the next session resumes the attack at that iteration. One that ends while the
+    crafted examples are scored keeps the finished attack, which the next replays without
+    iterating. Both make the records of an uninterrupted run, and the time before the kill
+    counts in the unit's; the progress file goes once the unit's records are written."""
     attacks = ATTACKS[:2] + [{**ATTACKS[2], "steps": 4, "eot": 2}]
     config = load_experiment(write_yaml(tmp_path / "long.yaml", experiment(assets, attacks=attacks)))
     whole = tmp_path / "whole"
@@ -845,37 +848,53 @@ def test_a_session_killed_mid_attack_resumes_that_attack(assets, tmp_path, monke
     class Killed(Exception):
         pass
 
-    saved, loaded = [], []
-    save, load = ProgressFile.save, ProgressFile.load
+    saved, loaded, kill = [], [], {"at save": 6, "when scoring": False}
+    save, load, predict = ProgressFile.save, ProgressFile.load, runner_module.predict_draws
 
     def save_then_kill(self, progress):  # the first batch: 4 iterations on "none", then "purified"
         save(self, progress)
-        saved.append((self.path.parent.name, progress["step"]))
-        if len(saved) == 6:
+        saved.append((f"{self.path.parent.name}/{self.path.name[:9]}", progress["step"]))
+        if len(saved) == kill["at save"]:
             raise Killed
 
     def noting_load(self):
         progress = load(self)
-        loaded.append((self.path.parent.name, progress and progress["step"]))
+        loaded.append((f"{self.path.parent.name}/{self.path.name[:9]}", progress and progress["step"]))
         return progress
+
+    def kill_when_scoring(*args):
+        if kill["when scoring"]:
+            raise Killed
+        return predict(*args)
 
     monkeypatch.setattr(ProgressFile, "save", save_then_kill)
     monkeypatch.setattr(ProgressFile, "load", noting_load)
+    monkeypatch.setattr(runner_module, "predict_draws", kill_when_scoring)
     run_dir = tmp_path / "killed"
     with pytest.raises(Killed):
         run_experiment(config, run_dir, show_progress=False)
-    assert saved[-1] == ("purified__pgd", 2)
+    first = "purified__pgd/batch0000"
+    assert saved[-1] == (first, 2)
     progress_files = list((run_dir / "crafted").rglob("*.progress.pt"))
     assert [p.name for p in progress_files] == ["batch0000.progress.pt"]
     seconds_before = torch.load(progress_files[0], weights_only=True)["seconds"]
-    loaded.clear()
+
+    loaded.clear(), saved.clear()
+    kill.update({"at save": None, "when scoring": True})
+    with pytest.raises(Killed):
+        run_experiment(config, run_dir, show_progress=False)
+    assert loaded == [(first, 2)] and saved == [(first, 3), (first, 4)]
+    assert progress_files[0].is_file()  # crafted, not yet scored: kept
+
+    loaded.clear(), saved.clear()
+    kill["when scoring"] = False
     run_experiment(config, run_dir, show_progress=False)
-    assert loaded[0] == ("purified__pgd", 2)  # resumed there, not from the start
+    assert loaded[0] == (first, 4) and not any(name == first for name, _ in saved)  # replayed, no iteration
     unit = [t for t in read_records(run_dir / "timings.jsonl") if (t["defense"], t["attack"], t["batch"]) == ("purified", "pgd", 0)]
-    assert len(unit) == 1 and unit[0]["seconds"] >= round(seconds_before, 2) > 0  # the killed session's part counts
+    assert len(unit) == 1 and unit[0]["seconds"] >= round(seconds_before, 2) > 0  # the killed sessions' part counts
     assert read_records(run_dir / "results.jsonl") == read_records(whole / "results.jsonl")
     assert RunDirectory(run_dir).read_traces() == RunDirectory(whole).read_traces()
-    assert not list((run_dir / "crafted").rglob("*.progress.pt"))
+    assert not list((run_dir / "crafted").rglob("*.progress.pt*"))
 
 
 def _free_port() -> int:

@@ -3,6 +3,8 @@
 The defence of "Adversarial defense based on distribution transfer" (arXiv 2311.13841): diffuse
 the input to t*, reverse the diffusion guided by the protected (victim) classifier, classify.
 """
+__version__ = "0.1.0"  # before the imports: modules of the package read it while it loads
+
 from .data import LabelledImages, load_cifar10, load_dataset, load_image_folder, load_imagenet30
 from .defenses.defended import DefendedClassifier
 from .defenses.guidance import CombinedGuidance, Guidance, MSEGuidance, VictimGuidance, build_guidance
@@ -12,7 +14,6 @@ from .models.classifiers import load_classifier
 from .models.diffusion import DiffusionModel, NoisePredictor, load_diffusion
 from .models.ncsnpp import ScoreSDEModel, load_score_sde
 
-__version__ = "0.1.0"
 __all__ = [
     "CombinedGuidance", "DefendedClassifier", "DiffusionModel", "Guidance", "LabelledImages",
     "MSEGuidance", "NoisePredictor", "Purifier", "PurifierConfig", "ScoreSDEModel", "VictimGuidance",

@@ -37,7 +37,10 @@ class Crafted:
 class Attack:
     """Crafts adversarial examples as one ``AttackConfig`` says. Every random stream (PGD's
     start, the attacker's noise, the frozen draw) is derived from the ``seed`` given to
-    ``perturb`` under its own name, so no two share one."""
+    ``perturb`` under its own name, so no two share one. ``resumable`` kinds keep their progress
+    in the ``progress`` store given to ``perturb`` and resume from it."""
+
+    resumable = False
 
     def __init__(self, config: "AttackConfig") -> None:
         self.config = config
@@ -50,7 +53,7 @@ class Attack:
         defence, so that every frozen attack of a threat group meets the same draw; derived from
         ``seed`` if not given) and its key in ``sample_keys`` (e.g. its dataset index). The PGD
         kinds keep their progress in ``progress`` and resume from it (``pgd.pgd``); the others,
-        one-shot or run by pyautoattack, ignore it."""
+        one-shot or run by pyautoattack, ignore it (``resumable`` False)."""
         raise NotImplementedError
 
 

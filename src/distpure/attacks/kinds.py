@@ -34,6 +34,8 @@ class Clean(Attack):
 class Transfer(Attack):
     """PGD on the undefended victim; the defence is met only when the examples are scored."""
 
+    resumable = True
+
     def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None,
                 progress=None) -> Crafted:
         config, trace = self.config.pgd_config(derive_seed(seed, "pgd-start")), []
@@ -44,6 +46,8 @@ class DefenceAttack(Attack):
     """An attack on the defence itself: the scored defence (same victim and votes) with the
     purifier as this kind runs it, drawing noise of the attacker's own, or, under the frozen-noise
     threat model, one fixed draw per sample that attacker and scorer share."""
+
+    resumable = True
 
     def perturb(self, defense, images, labels, seed, start=None, sample_keys=None, frozen_seed=None,
                 progress=None) -> Crafted:
@@ -137,6 +141,8 @@ class SurrogatePGD(DefenceAttack):
 class AutoAttackEnsemble(DefenceAttack):
     """AutoAttack's ``standard`` or ``rand`` ensemble, its own verdict and warnings kept."""
 
+    resumable = False
+
     def attack(self, defense, model, images, labels, seed, start, frozen, progress=None) -> Crafted:
         config = self.config
         result = run_autoattack(model, images, labels, norm=config.norm, eps=config.eps,
@@ -152,6 +158,8 @@ class APGD(DefenceAttack):
     gradient of the defence. Every sample keeps its highest-loss iterate over the restarts,
     the first of which starts at ``start`` (a warm start) when given: the fresh scoring draws,
     not one forward of the attacker's, then judge it."""
+
+    resumable = False
 
     def attack(self, defense, model, images, labels, seed, start, frozen, progress=None) -> Crafted:
         from pyautoattack.autopgd_base import APGDAttack

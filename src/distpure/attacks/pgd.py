@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import __version__
 from ..seeding import noise_generators
 from ..validation import check_choice, check_labels, check_unit_images
 
@@ -102,8 +103,9 @@ class _Iterate:
     direction: torch.Tensor
 
     def keep_if_better(self, x: torch.Tensor, fooled: torch.Tensor, loss: torch.Tensor) -> None:
+        """Out of place: a progress store may still hold the tensors it was given."""
         improved = (fooled > self.best_fooled) | ((fooled == self.best_fooled) & (loss > self.best_loss))
-        self.best[improved] = x[improved]
+        self.best = torch.where(improved.view(-1, *[1] * (x.ndim - 1)), x, self.best)
         self.best_fooled = torch.where(improved, fooled, self.best_fooled)
         self.best_loss = torch.where(improved, loss, self.best_loss)
 
@@ -126,13 +128,15 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     stopped at the start of its last quarter (iteration ``late_iteration(steps)``): scored beside
     the final examples, it shows what the last quarter gained. ``progress``, if given, keeps the
     iterate, trace, late examples and the noise streams of ``model`` and ``judge`` after every
-    iteration, and an attack on the same inputs resumes from what it holds: the result is the
-    same as without the interruption."""
+    iteration, and an attack on the same inputs, settings, noise seeds, device type and package
+    version resumes from what it holds: the result is the same as without the interruption (on
+    the same machine; CUDA kernels are not bit-reproducible even uninterrupted)."""
     check_unit_images(images)
     config = config or PGDConfig()
     generators = noise_generators(model, judge)
-    fingerprint = _fingerprint(images, labels, start, config, len(generators))
+    fingerprint = _fingerprint(images, labels, start, config, generators)
     saved = progress.load() if progress is not None else None
+    trace_before, late_before = len(trace or []), len(late or [])  # saved: only what this attack adds
     if saved is not None and saved.get("fingerprint") == fingerprint:
         iterate = _restore(saved, images, generators, trace, late)
     else:
@@ -150,8 +154,8 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                                  images, config)
         iterate.step = step + 1
         if progress is not None:
-            progress.save({"fingerprint": fingerprint, **vars(iterate), "trace": list(trace or []),
-                           "late": list(late or []), "generators": [g.get_state() for g in generators]})
+            progress.save({"fingerprint": fingerprint, **vars(iterate), "trace": (trace or [])[trace_before:],
+                           "late": (late or [])[late_before:], "generators": [g.get_state() for g in generators]})
     final = (images + iterate.delta).detach()
     if not config.keep_best or config.steps == 0:
         return final
@@ -188,9 +192,12 @@ def _restore(saved: dict, images: torch.Tensor, generators: list[torch.Generator
 
 
 def _fingerprint(images: torch.Tensor, labels: torch.Tensor, start: torch.Tensor | None, config: PGDConfig,
-                 streams: int) -> str:
-    """What an attack's progress belongs to: its inputs, settings and number of noise streams."""
-    digest = hashlib.sha256(repr((config, streams, tuple(images.shape))).encode())
+                 generators: list[torch.Generator]) -> str:
+    """What an attack's progress belongs to: its inputs and settings, the seeds of the noise
+    streams it draws from (which name the attacker and its batch), the device type and the
+    package version (whose attack may iterate otherwise)."""
+    seeds = [generator.initial_seed() for generator in generators]
+    digest = hashlib.sha256(repr((config, seeds, tuple(images.shape), images.device.type, __version__)).encode())
     for tensor in (images, labels, start):
         if tensor is not None:
             digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())

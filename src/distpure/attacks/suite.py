@@ -125,6 +125,11 @@ class AttackConfig:
                          eot_batch=self.eot_batch, holdout_draws=self.holdout_draws, seed=seed)
 
 
+def resumable(attack: AttackConfig) -> bool:
+    """Whether ``attack``'s kind resumes mid-way from a progress store (the PGD kinds)."""
+    return ATTACKS.build(attack.kind, config=attack).resumable
+
+
 def craft(attack: AttackConfig, defense: DefendedClassifier, images: torch.Tensor,
           labels: torch.Tensor, seed: int, start: torch.Tensor | None = None,
           sample_keys: list[int] | None = None, frozen_seed: int | None = None,

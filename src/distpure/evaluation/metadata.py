@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_atomically
 from ..devices import hardware
 
 PACKAGES = ("distpure", "torch", "torchvision", "diffusers", "safetensors", "pyautoattack", "numpy")
@@ -57,6 +58,5 @@ class RunClock:
     def save(self) -> None:
         """Record the wall time so far, so that a killed run does not lose it."""
         previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({**previous, "wall_time_seconds": round(self.seconds(), 1)}, indent=2))
-        tmp.replace(self.path)
+        text = json.dumps({**previous, "wall_time_seconds": round(self.seconds(), 1)}, indent=2)
+        write_atomically(self.path, lambda tmp: tmp.write_text(text))

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from ..atomic import write_atomically
+
 Key = tuple[int, str, str]
 
 
@@ -97,11 +99,6 @@ class RecordWriter:
 
 def write_sorted(records: list[dict], path: str | Path) -> None:
     """Write ``records`` in canonical order (by sample, defence, attack), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     ordered = sorted(records, key=record_key)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(r, sort_keys=True) + "\n" for r in ordered)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in ordered)
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

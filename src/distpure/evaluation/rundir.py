@@ -18,21 +18,22 @@
   appended later starts from them instead of recrafting its whole chain of warm starts;
 - ``crafted/<defence>__<attack>/batch<N>.progress.pt``: a PGD attack's progress while it is
   being crafted (its iterate and noise streams after the last iteration; see ``pgd.pgd``), so
-  that a session killed mid-attack loses at most one iteration; deleted once crafted;
+  that a session killed mid-attack loses at most one iteration; deleted once its unit's records
+  are written (a warm start's, once its examples are kept);
 - ``report.md``, ``results.csv``, ``plots/``: written by ``distpure report``.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import pickle
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..atomic import write_atomically
+from ..models.weights import torch_load_weights_only
 from .records import read_records, record_key
 
 _LOG = logging.getLogger("distpure")
@@ -106,15 +107,6 @@ class RunDirectory:
         return list(traces.values())
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a file beside ``path``, then rename it to ``path``: a session killed meanwhile
-    leaves the previous file whole, never half of the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
-
-
 class ProgressFile:
     """An attack's progress (``pgd.ProgressStore``) in one file of the run directory, rewritten
     whole after every iteration with the seconds spent on the attack so far, over sessions
@@ -132,19 +124,24 @@ class ProgressFile:
         if not self.path.is_file():
             return None
         try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-            _LOG.warning("cannot read %s (%s): the attack starts afresh", self.path, error)
-            self.path.unlink()
+            saved = torch_load_weights_only(self.path)
+        except ValueError as error:
+            saved = error
+        if not (isinstance(saved, dict) and isinstance(saved.get("progress"), dict) and "seconds" in saved):
+            _LOG.warning("cannot read %s (%s): the attack starts afresh", self.path,
+                         saved if isinstance(saved, ValueError) else "not an attack's progress")
+            self.clear()
             return None
-        self.earlier_seconds = saved["seconds"]
+        self.earlier_seconds = float(saved["seconds"])
         return saved["progress"]
 
     def save(self, progress: dict) -> None:
         seconds = self.earlier_seconds + time.monotonic() - self._started
-        write_atomically(self.path, lambda partial: torch.save({"progress": progress, "seconds": seconds}, partial))
+        write_atomically(self.path, lambda tmp: torch.save({"progress": progress, "seconds": seconds}, tmp))
         if self.on_save is not None:
             self.on_save()
 
     def clear(self) -> None:
+        """Delete the progress, and any save a killed session left half-written."""
         self.path.unlink(missing_ok=True)
+        self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from torch import nn
 from tqdm import tqdm
 
-from ..attacks.suite import AttackConfig, Crafted, craft
+from ..attacks.suite import AttackConfig, Crafted, craft, resumable
 from ..data import LabelledImages, default_data_root, load_dataset
 from ..defenses.defended import DefendedClassifier
 from ..defenses.recommended import build_purified_classifier
@@ -74,11 +74,13 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
             crafted: dict[tuple[str, str], Crafted] = {}
             for defense_config, attack in pairs:
                 if not all((i, defense_config.name, attack.name) in written for i in batch.indices):
-                    started, batch.resumed_seconds = time.monotonic(), 0.0
+                    started, batch.unit_progress = time.monotonic(), []
                     records = _evaluate_batch(batch, defenses[defense_config.name], defense_config,
                                               attack, crafted)
                     writer.write(records)
-                    seconds = time.monotonic() - started + batch.resumed_seconds
+                    seconds = time.monotonic() - started + sum(p.earlier_seconds for p in batch.unit_progress)
+                    for kept_progress in batch.unit_progress:
+                        kept_progress.clear()
                     _append_jsonl(files.timings, unit_timing(defense_config.name, attack.name, batch_index,
                                                              seconds, records))
                     written.update((record_key(r), r) for r in records)
@@ -164,8 +166,9 @@ def _build_defense(spec: DefenseConfig, config: ExperimentConfig, victim: nn.Mod
 class _Batch:
     """One batch of the evaluation: where its images are, what the run is, the records written
     so far (the cascade reads earlier attacks' records), the run's wall clock (the main
-    process's, saved with every iteration an attack keeps) and the crafting seconds that the
-    current unit resumed from earlier sessions (counted in its time)."""
+    process's, saved with every iteration an attack keeps) and the progress files of the
+    attacks the current unit crafts (their earlier sessions' seconds count in its time; they go
+    once its records are written)."""
 
     config: ExperimentConfig
     data: LabelledImages
@@ -175,7 +178,7 @@ class _Batch:
     files: RunDirectory
     written: dict[Key, dict]
     clock: RunClock | None
-    resumed_seconds: float = 0.0
+    unit_progress: list[ProgressFile] = field(default_factory=list)
 
     @property
     def images(self) -> torch.Tensor:
@@ -260,6 +263,8 @@ def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: Defe
             source = next(a for a in config.attacks if a.name == attack.start_from)
             if _crafted_key(spec, source, config) not in crafted:
                 start = _kept_examples(batch, spec.name, source.name, rows)
+                if start is not None and (leftover := _progress(batch, spec, source)) is not None:
+                    leftover.load()  # crafted and kept by a killed session: its time counts here
             if start is None:
                 start = _adversarial_examples(batch, defense, spec, source, crafted).examples
                 source_rows = _attacked_rows(batch, spec, source)
@@ -327,14 +332,8 @@ def _craft_rows(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
     seed = derive_seed(config.seed, owner, attack.name, batch.number)
     frozen_seed = derive_seed(config.seed, spec.name, "frozen-noise")  # one draw per defence
     keys = [batch.dataset_indices[p] for p in rows]
-    progress = (None if attack.kind in KINDS_NOT_KEPT
-                else ProgressFile(batch.files.progress_file(spec.name, attack.name, batch.number),
-                                  on_save=batch.clock.save if batch.clock is not None else None))
     result = craft(attack, defense, images[rows], batch.labels[rows], seed,
-                   start[rows] if start is not None else None, keys, frozen_seed, progress)
-    if progress is not None:
-        batch.resumed_seconds += progress.earlier_seconds
-        progress.clear()
+                   start[rows] if start is not None else None, keys, frozen_seed, _progress(batch, spec, attack))
     examples[rows] = result.examples.detach().to(examples)
     broken = late = None
     if result.broken is not None:
@@ -344,6 +343,17 @@ def _craft_rows(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
         late = (start if start is not None else images).clone()
         late[rows] = result.late_examples.detach().to(late)
     return Crafted(examples, broken, result.frozen_scorer, result.warnings, result.trace, late, start)
+
+
+def _progress(batch: _Batch, spec: DefenseConfig, attack: AttackConfig) -> ProgressFile | None:
+    """Where ``attack`` keeps its progress on this batch while crafted (None for a kind that
+    cannot resume, or whose examples are not kept), noted as part of the current unit."""
+    if attack.kind in KINDS_NOT_KEPT or not resumable(attack):
+        return None
+    progress = ProgressFile(batch.files.progress_file(spec.name, attack.name, batch.number),
+                            on_save=batch.clock.save if batch.clock is not None else None)
+    batch.unit_progress.append(progress)
+    return progress
 
 
 def _victim_name(spec: DefenseConfig, config: ExperimentConfig) -> str:

@@ -10,9 +10,9 @@ from typing import Callable, Protocol
 import torch
 from tqdm import tqdm
 
+from ..atomic import write_atomically
 from ..devices import check_precision, hardware, resolve_device, resolve_precision
-
-from .checkpoint import load_if_exists, restore_rng_state, rng_state, save_atomic
+from .checkpoint import load_if_exists, restore_rng_state, rng_state
 
 
 @dataclass
@@ -81,8 +81,9 @@ def run_loop(settings: LoopSettings, state: dict[str, Stateful], train_step: Cal
     out_of_time = lambda: settings.max_minutes is not None and elapsed() > 60 * settings.max_minutes  # noqa: E731
 
     def checkpoint() -> None:
-        save_atomic({**{name: item.state_dict() for name, item in state.items()},
-                     "rng": rng_state(), "step": step, "seconds": elapsed()}, path)
+        checkpoint_state = {**{name: item.state_dict() for name, item in state.items()},
+                            "rng": rng_state(), "step": step, "seconds": elapsed()}
+        write_atomically(path, lambda tmp: torch.save(checkpoint_state, tmp))
         export(step, elapsed())
 
     with open(settings.output_dir / "log.jsonl", "a") as log, \
