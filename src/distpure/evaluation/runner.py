@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from torch import nn
 from tqdm import tqdm
 
+from ..atomic import write_atomically
 from ..attacks.suite import AttackConfig, Crafted, craft, resumable
 from ..data import LabelledImages, default_data_root, load_dataset
 from ..defenses.defended import DefendedClassifier
@@ -35,7 +36,7 @@ from .convergence import continued_attack
 from .protocol import predict_draws, scorers
 from .records import Key, RecordWriter, check_dataset_indices, record_key, write_sorted
 from .resolved import claim_run_dir, resolved_settings
-from .rundir import ProgressFile, RunDirectory, write_atomically
+from .rundir import ProgressFile, RunDirectory
 from .summary import summarize
 from .timing import unit_timing
 
@@ -296,7 +297,7 @@ def _keep_examples(batch: _Batch, defense: str, attack: AttackConfig, rows: list
     path = batch.files.crafted_file(defense, attack.name, batch.number)
     if not rows or attack.kind in KINDS_NOT_KEPT or (path.is_file() and not replace):
         return
-    write_atomically(path, lambda partial: save_tensors({"examples": examples, "rows": torch.tensor(rows)}, partial))
+    write_atomically(path, lambda tmp: save_tensors({"examples": examples, "rows": torch.tensor(rows)}, tmp))
 
 
 def _kept_examples(batch: _Batch, defense: str, attack: str, rows: list[int]) -> torch.Tensor | None:
