@@ -204,7 +204,8 @@ def test_gradient_matches_finite_differences(double_setup, guidance):
     """Exact input gradient of a 5-step guided purification (float64) vs central differences.
 
     The guidance shift ε - sqrt(1-ᾱ) ∇ log p(y | x̂0) depends on x_t; its derivative needs the
-    double backward through the victim, which these directional derivatives check."""
+    double backward through the victim, which these directional derivatives check (to 1e-6: a
+    soft-target gradient that held its weights constant was off by 2e-4 here)."""
     diffusion, victim = double_setup
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     x = 0.1 + 0.8 * x  # x ± h v stays inside [0, 1]
@@ -223,7 +224,7 @@ def test_gradient_matches_finite_differences(double_setup, guidance):
         with torch.no_grad():
             numeric = (loss(x + h * direction) - loss(x - h * direction)) / (2 * h)
         analytic = (gradient * direction).sum()
-        assert abs(analytic - numeric) < 1e-3 * abs(numeric), (float(analytic), float(numeric))
+        assert abs(analytic - numeric) < 1e-6 * abs(numeric), (float(analytic), float(numeric))
         guidance_effects.append(abs(analytic - (plain_gradient * direction).sum()) / abs(numeric))
     # the guidance changes the gradient by far more than the tolerance: the check has teeth
     assert max(guidance_effects) > 1e-2
@@ -282,6 +283,24 @@ def test_straight_through_purifies_as_hard_and_differentiates_as_soft(double_set
     torch.testing.assert_close(straight_gradient, soft_gradient, rtol=1e-10, atol=0)
     difference = (straight_gradient - hard_gradient).norm() / hard_gradient.norm()
     assert difference > 1e-6, float(difference)  # far beyond float64 rounding: the check has teeth
+
+
+def test_soft_target_purifies_and_differentiates_as_no_guidance(double_setup):
+    """Σ_c p_c ∇ log p_c = ∇ Σ_c p_c = 0: the victim's own distribution as the target shifts
+    nothing, so its purification and its exact gradient are the unguided ones (float64), while
+    the hard target's differ; holding p_c constant in the derivative made it look robust."""
+    diffusion, victim = double_setup
+    x = make_tiny_images(2, low=0.2, high=0.8).double()
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    results = {}
+    for guidance, target in (("none", "hard"), ("victim", "soft"), ("victim", "hard")):
+        purifier = make_purifier(diffusion, victim, guidance=guidance, target=target, victim_scale=1000.0)
+        results[guidance, target] = _output_and_gradient(purifier, fixed_noise(purifier, x.shape, dtype=torch.float64),
+                                                         x, weights)
+    (plain, plain_gradient), (soft, soft_gradient), (hard, hard_gradient) = results.values()
+    torch.testing.assert_close(soft, plain, rtol=0, atol=1e-12)
+    torch.testing.assert_close(soft_gradient, plain_gradient, rtol=1e-9, atol=1e-12)
+    assert (hard - plain).abs().max() > 1e-4 and not torch.allclose(hard_gradient, plain_gradient)
 
 
 def test_straight_through_output_is_the_hard_targets_bit_for_bit(tiny_diffusion, tiny_victim, tiny_images):

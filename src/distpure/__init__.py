@@ -3,7 +3,7 @@
 The defence of "Adversarial defense based on distribution transfer" (arXiv 2311.13841): diffuse
 the input to t*, reverse the diffusion guided by the protected (victim) classifier, classify.
 """
-__version__ = "0.1.0"  # before the imports: modules of the package read it while it loads
+__version__ = "0.2.0"  # before the imports: modules of the package read it while it loads
 
 from .data import LabelledImages, load_cifar10, load_dataset, load_image_folder, load_imagenet30
 from .defenses.defended import DefendedClassifier

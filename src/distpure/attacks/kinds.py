@@ -130,7 +130,7 @@ class BPDAPGD(DefenceAttack):
 @ATTACKS.register("surrogate")
 class SurrogatePGD(DefenceAttack):
     """PGD-EOT with exact gradients through a changed copy of the purifier (``surrogate``
-    settings: fewer steps, a soft or straight-through guidance target); the defence that scores
+    settings: fewer steps, no guidance, a straight-through guidance target); the defence that scores
     the examples is unchanged."""
 
     def attacked_purifier(self, purifier, seed, **overrides):

@@ -36,11 +36,12 @@ def parse_epsilon(value: float | str) -> float:
 @dataclass
 class AttackConfig:
     """One attack of an experiment; ``eps`` accepts fractions such as ``"8/255"``. ``surrogate``
-    holds the purifier settings a ``surrogate`` attack's copy changes: fewer steps, ``target:
-    soft`` (another forward pass), or ``target: straight-through`` (the defence's own forward pass,
-    with the soft target's derivative of the guidance). ``deviation`` > 0 adds DiffAttack's
+    holds the purifier settings a ``surrogate`` attack's copy changes: fewer steps, ``guidance:
+    none`` (the unguided copy: DiffPure's gradient; ``target: soft`` is the same copy, since the
+    soft target shifts nothing), or ``target: straight-through`` (the defence's own forward pass,
+    its guidance shift held constant in the derivative). ``deviation`` > 0 adds DiffAttack's
     deviated-reconstruction loss with that weight λ (1.0 in the paper) to PGD's loss.
-    ``defenses`` limits the attack to the defences named (e.g. a soft-target surrogate to the
+    ``defenses`` limits the attack to the defences named (e.g. an unguided surrogate to the
     victim-guided ones, where it differs from exact PGD)."""
 
     name: str

@@ -20,8 +20,8 @@ from ..validation import check_choice
 GUIDANCE_TERMS = ("victim", "mse")
 SCHEDULES = ("constant", "linear-up", "linear-down")
 #: what victim guidance follows: the victim's arg-max class at x̂0 (``hard``), its whole
-#: distribution (``soft``), or ``hard`` with the ``soft`` derivative for an attacker
-#: (``straight-through``; the purification itself is exactly ``hard``)
+#: distribution (``soft``: a shift of zero, see ``VictimGuidance``), or ``hard`` with the
+#: ``soft`` derivative for an attacker (``straight-through``; it purifies exactly as ``hard``)
 TARGETS = ("hard", "soft", "straight-through")
 
 
@@ -68,32 +68,26 @@ class Guidance(nn.Module):
         """``scale(t) * log p`` per sample: the quantity whose x_t-gradient shifts the score."""
         return self.scale_at(state.progress) * self.log_likelihood(state)
 
-    def backward_log_likelihood(self, state: GuidanceState) -> torch.Tensor | None:
-        """For a straight-through guidance, the weighted log-likelihood whose gradient an attacker
-        differentiates in place of this one's; ``None`` (the default): differentiate this one."""
-        return None
-
     def gradient(self, state: GuidanceState, create_graph: bool = False) -> torch.Tensor:
         """The shift of the score, ∇_{x_t} of ``scale(t) * log p``; with ``create_graph`` it stays
-        differentiable in x_t (an attack). A straight-through guidance then keeps this value bit
-        for bit but takes its derivative from the gradient of ``backward_log_likelihood``."""
+        differentiable in x_t (an attack)."""
         value, = torch.autograd.grad(self.weighted_log_likelihood(state).sum(), state.x_t,
                                      create_graph=create_graph)
-        relaxed = self.backward_log_likelihood(state) if create_graph else None
-        if relaxed is None:
-            return value
-        # create_graph changes the kernels, so the value is taken with it too: bit-identical
-        surrogate, = torch.autograd.grad(relaxed.sum(), state.x_t, create_graph=True)
-        return value.detach() + (surrogate - surrogate.detach())
+        return value
 
 
 class VictimGuidance(Guidance):
     """The paper's guidance: the protected classifier's log-probability of the class it assigns
     to the current clean-image estimate x̂0 (``hard``), or of its own distribution (``soft``).
 
+    The ``soft`` target shifts nothing: Σ_c p_c ∇ log p_c = ∇ Σ_c p_c = 0, so it purifies as
+    unguided DiffPure (up to rounding), and its exact derivative is DiffPure's. (Before 0.2 an
+    attack differentiated it with the weights p_c held constant, a derivative of a term whose value
+    is zero, and found it far more robust than DiffPure: an artefact of that gradient.)
+
     ``straight-through`` purifies exactly as ``hard``; an attacker who differentiates the
-    purification gets, for the guidance's shift, the derivative the ``soft`` target's shift has
-    at the same state (the hard target is piecewise constant and jumps where the arg-max flips)."""
+    purification gets, for the guidance's shift, the ``soft`` shift's derivative: none, the
+    hard shift held constant where its arg-max jumps."""
 
     def __init__(self, victim: nn.Module, scale: float = 3.0, schedule: str = "constant",
                  target: Literal["hard", "soft", "straight-through"] = "hard",
@@ -105,23 +99,41 @@ class VictimGuidance(Guidance):
         self.precision = precision
 
     def log_likelihood(self, state: GuidanceState) -> torch.Tensor:
-        return self._log_likelihood(state, soft=self.target == "soft")
-
-    def backward_log_likelihood(self, state: GuidanceState) -> torch.Tensor | None:
-        if self.target != "straight-through":
-            return None
-        return self.scale_at(state.progress) * self._log_likelihood(state, soft=True)
-
-    def _log_likelihood(self, state: GuidanceState, soft: bool) -> torch.Tensor:
         """log p(arg-max class | x̂0), or its mean under the victim's (detached) distribution."""
+        log_probs = self._log_probs(state)
+        if self.target == "soft":
+            return (log_probs.detach().exp() * log_probs).sum(dim=1)
+        return log_probs.gather(1, log_probs.detach().argmax(dim=1, keepdim=True)).squeeze(1)
+
+    def gradient(self, state: GuidanceState, create_graph: bool = False) -> torch.Tensor:
+        """The hard target's shift is the gradient of ``log_likelihood``. The soft target's,
+        Σ_c p_c ∇ log p_c, has the same value, but in an attack's graph its weights p_c stay
+        attached, so that its derivative follows the target distribution as it moves too (the
+        detached mean's gradient drops that part). Straight-through: the hard shift's value
+        with the soft shift's derivative."""
+        if self.target == "soft":
+            return self._soft_shift(state, create_graph)
+        if self.target == "hard" or not create_graph:
+            return super().gradient(state, create_graph)
+        # create_graph changes the kernels, so the value is taken with it too: bit-identical
+        value = super().gradient(state, create_graph=True).detach()
+        relaxed = self._soft_shift(state, create_graph=True)
+        return value + (relaxed - relaxed.detach())
+
+    def _soft_shift(self, state: GuidanceState, create_graph: bool) -> torch.Tensor:
+        """scale(t) · Σ_c p_c ∇_{x_t} log p_c(x̂0): one vector-Jacobian product weighted by p."""
+        log_probs = self._log_probs(state)
+        weights = self.scale_at(state.progress) * log_probs.exp()
+        shift, = torch.autograd.grad(log_probs, state.x_t, grad_outputs=weights if create_graph else weights.detach(),
+                                     create_graph=create_graph)
+        return shift
+
+    def _log_probs(self, state: GuidanceState) -> torch.Tensor:
+        """The victim's log-probabilities at x̂0 (mapped to [0, 1])."""
         images = (state.x0_hat + 1.0) / 2.0
         with autocast(images.device, self.precision):
             logits = self.victim(images)
-        log_probs = F.log_softmax(logits.to(images.dtype), dim=1)
-        if not soft:
-            chosen = log_probs.detach().argmax(dim=1, keepdim=True)
-            return log_probs.gather(1, chosen).squeeze(1)
-        return (log_probs.detach().exp() * log_probs).sum(dim=1)
+        return F.log_softmax(logits.to(images.dtype), dim=1)
 
 
 class MSEGuidance(Guidance):
@@ -151,16 +163,10 @@ class CombinedGuidance(Guidance):
         self.terms = nn.ModuleList(terms)
         self.uses_target_noise = any(term.uses_target_noise for term in terms)
 
-    def weighted_log_likelihood(self, state: GuidanceState) -> torch.Tensor:
-        return sum(term.weighted_log_likelihood(state) for term in self.terms)
-
-    def backward_log_likelihood(self, state: GuidanceState) -> torch.Tensor | None:
-        """The sum with each straight-through term replaced by its relaxation (None if none is)."""
-        relaxed = [term.backward_log_likelihood(state) for term in self.terms]
-        if all(term is None for term in relaxed):
-            return None
-        return sum(term.weighted_log_likelihood(state) if backward is None else backward
-                   for term, backward in zip(self.terms, relaxed))
+    def gradient(self, state: GuidanceState, create_graph: bool = False) -> torch.Tensor:
+        """The sum of the terms' shifts, each differentiated as its term defines (a soft or
+        straight-through victim term is not the gradient of its log-likelihood)."""
+        return sum(term.gradient(state, create_graph) for term in self.terms)
 
 
 def guidance_terms(spec: str | None) -> list[str]:

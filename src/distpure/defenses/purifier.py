@@ -36,8 +36,9 @@ class PurifierConfig:
     ``ddpm`` (DDPM/DDIM steps: ``num_steps``, ``eta``) or ``sde`` (DiffPure's: the reverse VP-SDE
     by Euler-Maruyama from t* = ``t_star`` / N of its time with step ``dt``; the guidance adds
     to the score as it does in ε-space; ``num_steps`` and ``eta`` do not apply). Victim guidance's
-    ``target`` is ``hard`` (the paper), ``soft``, or ``straight-through`` (for an attacker's copy:
-    it purifies exactly as ``hard``; see ``VictimGuidance``).
+    ``target`` is ``hard`` (the paper), ``soft`` (the victim's own distribution, which shifts
+    nothing: it purifies as DiffPure), or ``straight-through`` (for an attacker's copy: it
+    purifies exactly as ``hard``; see ``VictimGuidance``).
 
     Speed options that do not change the defence: ``precision`` (autocast; ``auto`` is bf16 where
     the hardware has it natively, else fp32 on CPU and fp16 on CUDA), ``channels_last`` (NHWC
