@@ -263,10 +263,12 @@ def _output_and_gradient(purifier: Purifier, noise: PurificationNoise, x: torch.
 
 @pytest.mark.parametrize("guidance", ["victim", "victim+mse"])
 @pytest.mark.parametrize("checkpoint", [False, True])
-def test_straight_through_purifies_as_hard_and_differentiates_as_soft(double_setup, guidance, checkpoint):
+def test_straight_through_purifies_as_hard_and_differentiates_without_the_shift(double_setup, guidance,
+                                                                                 checkpoint):
     """One unclipped reverse step in float64: its output is linear in the guidance shift, and the
-    step's input is the same for every target, so the straight-through gradient must equal the
-    soft target's while its output is the hard target's, bit for bit."""
+    step's input is the same for every target, so the straight-through gradient, the hard shift
+    held constant, must equal the soft target's (whose shift is zero) while its output is the
+    hard target's, bit for bit."""
     diffusion, victim = double_setup
     x = make_tiny_images(2, low=0.3, high=0.7).double()
     weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

@@ -20,8 +20,8 @@ from ..validation import check_choice
 GUIDANCE_TERMS = ("victim", "mse")
 SCHEDULES = ("constant", "linear-up", "linear-down")
 #: what victim guidance follows: the victim's arg-max class at x̂0 (``hard``), its whole
-#: distribution (``soft``: a shift of zero, see ``VictimGuidance``), or ``hard`` with the
-#: ``soft`` derivative for an attacker (``straight-through``; it purifies exactly as ``hard``)
+#: distribution (``soft``: a shift of zero, see ``VictimGuidance``), or, for an attacker's copy,
+#: ``hard`` with its shift held constant in the derivative (``straight-through``)
 TARGETS = ("hard", "soft", "straight-through")
 
 
@@ -86,8 +86,8 @@ class VictimGuidance(Guidance):
     is zero, and found it far more robust than DiffPure: an artefact of that gradient.)
 
     ``straight-through`` purifies exactly as ``hard``; an attacker who differentiates the
-    purification gets, for the guidance's shift, the ``soft`` shift's derivative: none, the
-    hard shift held constant where its arg-max jumps."""
+    purification gets, for the guidance's shift, the soft shift's derivative, which is none:
+    the hard shift is held constant (the hard target jumps where its arg-max flips)."""
 
     def __init__(self, victim: nn.Module, scale: float = 3.0, schedule: str = "constant",
                  target: Literal["hard", "soft", "straight-through"] = "hard",
@@ -109,16 +109,14 @@ class VictimGuidance(Guidance):
         """The hard target's shift is the gradient of ``log_likelihood``. The soft target's,
         Σ_c p_c ∇ log p_c, has the same value, but in an attack's graph its weights p_c stay
         attached, so that its derivative follows the target distribution as it moves too (the
-        detached mean's gradient drops that part). Straight-through: the hard shift's value
-        with the soft shift's derivative."""
+        detached mean's gradient drops that part). Straight-through: the hard shift, held
+        constant in an attack's derivative."""
         if self.target == "soft":
             return self._soft_shift(state, create_graph)
         if self.target == "hard" or not create_graph:
             return super().gradient(state, create_graph)
         # create_graph changes the kernels, so the value is taken with it too: bit-identical
-        value = super().gradient(state, create_graph=True).detach()
-        relaxed = self._soft_shift(state, create_graph=True)
-        return value + (relaxed - relaxed.detach())
+        return super().gradient(state, create_graph=True).detach()
 
     def _soft_shift(self, state: GuidanceState, create_graph: bool) -> torch.Tensor:
         """scale(t) · Σ_c p_c ∇_{x_t} log p_c(x̂0): one vector-Jacobian product weighted by p."""

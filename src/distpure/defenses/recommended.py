@@ -46,7 +46,16 @@ def load_defense(dataset: str = "cifar10", guidance: str = "victim", device: str
     """The recommended defence for ``dataset`` on the embedded default models.
 
     ``guidance`` is ``victim`` (the paper), ``none`` (DiffPure) or ``mse`` (GDMP); ``overrides``
-    change purifier settings, e.g. ``load_defense("cifar10", t_star=75)``.
+    change purifier settings, e.g. ``load_defense("cifar10", t_star=50)``.
+
+    CIFAR-10 (victim guidance, hard target, t* = 75, 10 steps, scale 10) costs 10 denoiser
+    calls and 10 victim forward and backward passes per image. What it holds, measured in
+    distpure 0.1-0.2 (README, *Against an attacker who knows the defence*), expected accuracy
+    over 8 purifications: 77.8 % clean (512 test images; the victim alone 85.5 %); under the
+    worst case of a cascade of transfer, BPDA, exact and straight-through PGD-EOT, PGD-EOT
+    through a copy without the guidance, and APGD-EOT, up to 100 steps: 9.1 % at L∞ 8/255
+    (48 images; its strongest attack not yet converged, so an upper bound) and 49.2 % at L2
+    128/255, where DiffPure at the same cost keeps 2.9 % and 37.1 %.
     """
     if dataset not in RECOMMENDED:
         raise KeyError(f"no recommended defence for {dataset!r}; known: {', '.join(RECOMMENDED)}")
