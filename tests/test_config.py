@@ -142,3 +142,12 @@ def test_sde_step_must_be_a_fraction_of_continuous_time():
     for dt in (0.0, -1e-3, 5.0):
         with pytest.raises(ValueError, match="dt"):
             PurifierConfig(dt=dt)
+
+
+def test_soft_temperature_must_be_positive():
+    from distpure.defenses.purifier import PurifierConfig
+
+    for temperature in (0.0, -0.5):
+        with pytest.raises(ValueError, match="soft_temperature"):
+            PurifierConfig(target="soft", soft_temperature=temperature)
+    assert PurifierConfig(target="soft", soft_temperature=0.1).soft_temperature == 0.1

@@ -199,18 +199,20 @@ def _loss_and_gradient(purifier, victim, noise, x, weights):
     return loss, gradient
 
 
-@pytest.mark.parametrize("guidance", ["victim", "victim+mse"])
-def test_gradient_matches_finite_differences(double_setup, guidance):
+@pytest.mark.parametrize("guidance, target", [("victim", {}), ("victim+mse", {}),
+                                              ("victim", {"target": "soft", "soft_temperature": 0.05})])
+def test_gradient_matches_finite_differences(double_setup, guidance, target):
     """Exact input gradient of a 5-step guided purification (float64) vs central differences.
 
     The guidance shift ε - sqrt(1-ᾱ) ∇ log p(y | x̂0) depends on x_t; its derivative needs the
     double backward through the victim, which these directional derivatives check (to 1e-6: a
-    soft-target gradient that held its weights constant was off by 2e-4 here)."""
+    soft-target gradient that held its weights constant was off by 2e-4 here). The sharpened
+    soft target's weights q_c move with x_t too."""
     diffusion, victim = double_setup
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     x = 0.1 + 0.8 * x  # x ± h v stays inside [0, 1]
     weights = weights_for(2, torch.float64)
-    guided = make_purifier(diffusion, victim, guidance=guidance, victim_scale=1000.0)
+    guided = make_purifier(diffusion, victim, guidance=guidance, victim_scale=1000.0, **target)
     plain = make_purifier(diffusion, victim, guidance="none")
     noise = fixed_noise(guided, x.shape, seed=1, dtype=torch.float64)
     loss, gradient = _loss_and_gradient(guided, victim, noise, x, weights)

@@ -25,7 +25,7 @@ from .pgd import PGDConfig, ProgressStore
 
 # What a surrogate attack may change in its copy of the purifier (the defence it approximates).
 SURROGATE_SETTINGS = ("t_star", "num_steps", "eta", "guidance", "victim_scale", "mse_scale", "schedule",
-                      "target", "guidance_through_denoiser", "clip_x0", "sampler", "dt")
+                      "target", "soft_temperature", "guidance_through_denoiser", "clip_x0", "sampler", "dt")
 
 
 def parse_epsilon(value: float | str) -> float:
@@ -37,9 +37,10 @@ def parse_epsilon(value: float | str) -> float:
 class AttackConfig:
     """One attack of an experiment; ``eps`` accepts fractions such as ``"8/255"``. ``surrogate``
     holds the purifier settings a ``surrogate`` attack's copy changes: fewer steps, ``guidance:
-    none`` (the unguided copy: DiffPure's gradient; ``target: soft`` is the same copy, since the
-    soft target shifts nothing), or ``target: straight-through`` (the defence's own forward pass,
-    its guidance shift held constant in the derivative). ``deviation`` > 0 adds DiffAttack's
+    none`` (the unguided copy: DiffPure's gradient), ``target: soft`` with ``soft_temperature``
+    below 1 (a smooth relaxation of the hard target; at 1 the soft target shifts nothing), or
+    ``target: straight-through`` (the defence's own forward pass, its guidance shift held
+    constant in the derivative). ``deviation`` > 0 adds DiffAttack's
     deviated-reconstruction loss with that weight λ (1.0 in the paper) to PGD's loss.
     ``defenses`` limits the attack to the defences named (e.g. an unguided surrogate to the
     victim-guided ones, where it differs from exact PGD)."""

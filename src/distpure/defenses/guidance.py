@@ -19,8 +19,9 @@ from ..validation import check_choice
 #: the guidance terms ``build_guidance`` knows; a spec is ``none``, one of them, or a ``+`` sum
 GUIDANCE_TERMS = ("victim", "mse")
 SCHEDULES = ("constant", "linear-up", "linear-down")
-#: what victim guidance follows: the victim's arg-max class at x̂0 (``hard``), its whole
-#: distribution (``soft``: a shift of zero, see ``VictimGuidance``), or, for an attacker's copy,
+#: what victim guidance follows: the victim's arg-max class at x̂0 (``hard``), its distribution
+#: sharpened by a temperature (``soft``; at temperature 1 a shift of zero, see
+#: ``VictimGuidance``), or, for an attacker's copy,
 #: ``hard`` with its shift held constant in the derivative (``straight-through``)
 TARGETS = ("hard", "soft", "straight-through")
 
@@ -78,12 +79,15 @@ class Guidance(nn.Module):
 
 class VictimGuidance(Guidance):
     """The paper's guidance: the protected classifier's log-probability of the class it assigns
-    to the current clean-image estimate x̂0 (``hard``), or of its own distribution (``soft``).
+    to the current clean-image estimate x̂0 (``hard``), or its mean under the victim's
+    distribution sharpened to q = softmax(logits / ``soft_temperature``) (``soft``).
 
-    The ``soft`` target shifts nothing: Σ_c p_c ∇ log p_c = ∇ Σ_c p_c = 0, so it purifies as
-    unguided DiffPure (up to rounding), and its exact derivative is DiffPure's. (Before 0.2 an
-    attack differentiated it with the weights p_c held constant, a derivative of a term whose value
-    is zero, and found it far more robust than DiffPure: an artefact of that gradient.)
+    At temperature 1 the ``soft`` target shifts nothing: Σ_c p_c ∇ log p_c = ∇ Σ_c p_c = 0, so
+    it purifies as unguided DiffPure (up to rounding), and its exact derivative is DiffPure's.
+    (Before 0.2 an attack differentiated it with the weights held constant, a derivative of a
+    term whose value is zero, and found it far more robust than DiffPure: an artefact of that
+    gradient.) Below 1 the shift Σ_c q_c ∇ log p_c leans toward the likelier classes; towards 0
+    it nears the hard target's, continuously: a relaxation an attacker can differentiate.
 
     ``straight-through`` purifies exactly as ``hard``; an attacker who differentiates the
     purification gets, for the guidance's shift, the soft shift's derivative, which is none:
@@ -91,23 +95,25 @@ class VictimGuidance(Guidance):
 
     def __init__(self, victim: nn.Module, scale: float = 3.0, schedule: str = "constant",
                  target: Literal["hard", "soft", "straight-through"] = "hard",
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", soft_temperature: float = 1.0) -> None:
         super().__init__(scale, schedule)
         check_choice("victim guidance target", target, TARGETS)
         self.victim = victim
         self.target = target
         self.precision = precision
+        self.soft_temperature = float(soft_temperature)
 
     def log_likelihood(self, state: GuidanceState) -> torch.Tensor:
-        """log p(arg-max class | x̂0), or its mean under the victim's (detached) distribution."""
-        log_probs = self._log_probs(state)
+        """log p(arg-max class | x̂0), or its mean under the (detached) sharpened distribution."""
+        logits = self._logits(state)
+        log_probs = F.log_softmax(logits, dim=1)
         if self.target == "soft":
-            return (log_probs.detach().exp() * log_probs).sum(dim=1)
+            return (self._soft_weights(logits).detach() * log_probs).sum(dim=1)
         return log_probs.gather(1, log_probs.detach().argmax(dim=1, keepdim=True)).squeeze(1)
 
     def gradient(self, state: GuidanceState, create_graph: bool = False) -> torch.Tensor:
         """The hard target's shift is the gradient of ``log_likelihood``. The soft target's,
-        Σ_c p_c ∇ log p_c, has the same value, but in an attack's graph its weights p_c stay
+        Σ_c q_c ∇ log p_c, has the same value, but in an attack's graph its weights q_c stay
         attached, so that its derivative follows the target distribution as it moves too (the
         detached mean's gradient drops that part). Straight-through: the hard shift, held
         constant in an attack's derivative."""
@@ -119,19 +125,24 @@ class VictimGuidance(Guidance):
         return super().gradient(state, create_graph=True).detach()
 
     def _soft_shift(self, state: GuidanceState, create_graph: bool) -> torch.Tensor:
-        """scale(t) · Σ_c p_c ∇_{x_t} log p_c(x̂0): one vector-Jacobian product weighted by p."""
-        log_probs = self._log_probs(state)
-        weights = self.scale_at(state.progress) * log_probs.exp()
-        shift, = torch.autograd.grad(log_probs, state.x_t, grad_outputs=weights if create_graph else weights.detach(),
+        """scale(t) · Σ_c q_c ∇_{x_t} log p_c(x̂0): one vector-Jacobian product weighted by q."""
+        logits = self._logits(state)
+        weights = self.scale_at(state.progress) * self._soft_weights(logits)
+        shift, = torch.autograd.grad(F.log_softmax(logits, dim=1), state.x_t,
+                                     grad_outputs=weights if create_graph else weights.detach(),
                                      create_graph=create_graph)
         return shift
 
-    def _log_probs(self, state: GuidanceState) -> torch.Tensor:
-        """The victim's log-probabilities at x̂0 (mapped to [0, 1])."""
+    def _soft_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """q = softmax(logits / soft_temperature): the victim's distribution, sharpened below 1."""
+        return F.softmax(logits / self.soft_temperature, dim=1)
+
+    def _logits(self, state: GuidanceState) -> torch.Tensor:
+        """The victim's logits at x̂0 (mapped to [0, 1]), in the state's precision."""
         images = (state.x0_hat + 1.0) / 2.0
         with autocast(images.device, self.precision):
             logits = self.victim(images)
-        return F.log_softmax(logits.to(images.dtype), dim=1)
+        return logits.to(images.dtype)
 
 
 class MSEGuidance(Guidance):
@@ -185,7 +196,8 @@ def guidance_terms(spec: str | None) -> list[str]:
 def build_guidance(spec: str | None, victim: nn.Module | None = None, **options) -> Guidance | None:
     """Guidance from a name: ``none``, ``victim``, ``mse``, or a combination ``victim+mse``.
 
-    ``options`` may hold ``victim_scale``, ``mse_scale``, ``schedule``, ``target``, ``precision``.
+    ``options`` may hold ``victim_scale``, ``mse_scale``, ``schedule``, ``target``,
+    ``soft_temperature``, ``precision``.
     """
     terms = [_build_term(name, victim, options) for name in guidance_terms(spec)]
     if not terms:
@@ -200,4 +212,5 @@ def _build_term(name: str, victim: nn.Module | None, options: dict) -> Guidance:
     if victim is None:
         raise ValueError("victim guidance needs the victim classifier")
     return VictimGuidance(victim, options.get("victim_scale", 3.0), schedule,
-                          options.get("target", "hard"), options.get("precision", "auto"))
+                          options.get("target", "hard"), options.get("precision", "auto"),
+                          options.get("soft_temperature", 1.0))

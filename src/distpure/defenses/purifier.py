@@ -36,9 +36,10 @@ class PurifierConfig:
     ``ddpm`` (DDPM/DDIM steps: ``num_steps``, ``eta``) or ``sde`` (DiffPure's: the reverse VP-SDE
     by Euler-Maruyama from t* = ``t_star`` / N of its time with step ``dt``; the guidance adds
     to the score as it does in ε-space; ``num_steps`` and ``eta`` do not apply). Victim guidance's
-    ``target`` is ``hard`` (the paper), ``soft`` (the victim's own distribution, which shifts
-    nothing: it purifies as DiffPure), or ``straight-through`` (for an attacker's copy: it
-    purifies exactly as ``hard``; see ``VictimGuidance``).
+    ``target`` is ``hard`` (the paper), ``soft`` (the victim's distribution sharpened by
+    ``soft_temperature`` < 1; at 1 it shifts nothing and purifies as DiffPure; towards 0 it
+    nears ``hard``, smoothly), or ``straight-through`` (for an attacker's copy: it purifies
+    exactly as ``hard``; see ``VictimGuidance``).
 
     Speed options that do not change the defence: ``precision`` (autocast; ``auto`` is bf16 where
     the hardware has it natively, else fp32 on CPU and fp16 on CUDA), ``channels_last`` (NHWC
@@ -56,6 +57,7 @@ class PurifierConfig:
     mse_scale: float = 0.5
     schedule: str = "constant"
     target: str = "hard"
+    soft_temperature: float = 1.0
     guidance_through_denoiser: bool = False
     clip_x0: bool = True
     precision: str = "auto"
@@ -74,6 +76,8 @@ class PurifierConfig:
         guidance_terms(self.guidance)
         check_choice("guidance schedule", self.schedule, SCHEDULES)
         check_choice("victim guidance target", self.target, TARGETS)
+        if not self.soft_temperature > 0.0:
+            raise ValueError(f"soft_temperature must be positive, got {self.soft_temperature}")
         if not 0.0 < self.dt <= 1.0:
             raise ValueError(f"dt must be in (0, 1] (the SDE sampler's step in continuous time), got {self.dt}")
 
@@ -112,7 +116,8 @@ class Purifier(nn.Module):
         self.guidance = guidance if guidance is not None else build_guidance(
             self.config.guidance, victim, victim_scale=self.config.victim_scale,
             mse_scale=self.config.mse_scale, schedule=self.config.schedule,
-            target=self.config.target, precision=self.config.precision)
+            target=self.config.target, soft_temperature=self.config.soft_temperature,
+            precision=self.config.precision)
         self.t_star = resolve_t_star(self.config.t_star, diffusion.num_train_timesteps)
         # the steps' start times: integer steps (ddpm), or times of the SDE in (0, 1] (sde)
         self.sde = diffusion.sde if self.config.sampler == "sde" else None
