@@ -21,8 +21,8 @@ GUIDANCE_TERMS = ("victim", "mse")
 SCHEDULES = ("constant", "linear-up", "linear-down")
 #: what victim guidance follows: the victim's arg-max class at x̂0 (``hard``), its distribution
 #: sharpened by a temperature (``soft``; at temperature 1 a shift of zero, see
-#: ``VictimGuidance``), or, for an attacker's copy,
-#: ``hard`` with its shift held constant in the derivative (``straight-through``)
+#: ``VictimGuidance``), or, for an attacker's copy, ``hard`` with its shift held constant in
+#: the derivative (``straight-through``)
 TARGETS = ("hard", "soft", "straight-through")
 
 
