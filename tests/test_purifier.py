@@ -199,9 +199,9 @@ def _loss_and_gradient(purifier, victim, noise, x, weights):
     return loss, gradient
 
 
-@pytest.mark.parametrize("guidance, target", [("victim", {}), ("victim+mse", {}),
-                                              ("victim", {"target": "soft", "soft_temperature": 0.05})])
-def test_gradient_matches_finite_differences(double_setup, guidance, target):
+@pytest.mark.parametrize("guidance, options", [("victim", {}), ("victim+mse", {}),
+                                               ("victim", {"target": "soft", "soft_temperature": 0.05})])
+def test_gradient_matches_finite_differences(double_setup, guidance, options):
     """Exact input gradient of a 5-step guided purification (float64) vs central differences.
 
     The guidance shift ε - sqrt(1-ᾱ) ∇ log p(y | x̂0) depends on x_t; its derivative needs the
@@ -212,7 +212,7 @@ def test_gradient_matches_finite_differences(double_setup, guidance, target):
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     x = 0.1 + 0.8 * x  # x ± h v stays inside [0, 1]
     weights = weights_for(2, torch.float64)
-    guided = make_purifier(diffusion, victim, guidance=guidance, victim_scale=1000.0, **target)
+    guided = make_purifier(diffusion, victim, guidance=guidance, victim_scale=1000.0, **options)
     plain = make_purifier(diffusion, victim, guidance="none")
     noise = fixed_noise(guided, x.shape, seed=1, dtype=torch.float64)
     loss, gradient = _loss_and_gradient(guided, victim, noise, x, weights)
