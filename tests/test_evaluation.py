@@ -462,6 +462,36 @@ def test_a_run_grows_by_attacks_appended_at_the_end(assets, reference_run, tmp_p
                        show_progress=False)
 
 
+def test_a_run_grows_by_defences_appended_at_the_end(assets, tmp_path):
+    """A defence appended after the stored ones extends a run, and may join an attack restricted
+    to some defences: every earlier record is kept as it was, and the new defence's records equal
+    those of a run that had it from the start. Adding a defence to an attack's list that was run
+    without it, or inserting a defence before a stored one, is refused."""
+    extra = {"name": "purified-late", "kind": "purifier", "purifier": {"t_star": 20, "num_steps": 3}}
+
+    def restricted(defenses: list[dict], pgd_defenses: list[str], name: str):
+        attacks = [*ATTACKS[:2], {**ATTACKS[2], "defenses": pgd_defenses}]
+        return load_experiment(write_yaml(tmp_path / f"{name}.yaml",
+                                          experiment(assets, defenses=defenses, attacks=attacks)))
+
+    run_dir, fresh = tmp_path / "grown", tmp_path / "fresh"
+    run_experiment(restricted(DEFENSES, ["purified"], "stored"), run_dir, show_progress=False)
+    first = read_records(run_dir / "results.jsonl")
+    grown = restricted([*DEFENSES, extra], ["purified", "purified-late"], "grown")
+    run_experiment(grown, run_dir, show_progress=False)
+    run_experiment(grown, fresh, show_progress=False)
+    records = read_records(run_dir / "results.jsonl")
+    assert [r for r in records if r["defense"] != "purified-late"] == first
+    assert records == read_records(fresh / "results.jsonl")
+    assert {r["attack"] for r in records if r["defense"] == "purified-late"} == {"clean", "transfer", "pgd"}
+    assert "purified-late" in json.loads((run_dir / "resolved.json").read_text())["settings"]["defenses"]
+
+    for name, defenses, pgd_defenses in (("widened", [*DEFENSES, extra], ["none", "purified", "purified-late"]),
+                                         ("inserted", [extra, *DEFENSES], ["purified", "purified-late"])):
+        with pytest.raises(ValueError, match="different experiment"):
+            run_experiment(restricted(defenses, pgd_defenses, name), run_dir, show_progress=False)
+
+
 def test_an_appended_continuation_starts_from_the_kept_examples(assets, reference_run, tmp_path):
     """An attack appended to a finished run that continues an earlier one reads that attack's
     kept examples instead of recrafting it (no new trace of it), and its records equal those of

@@ -85,12 +85,20 @@ def _stored_experiment(files: RunDirectory) -> ExperimentConfig:
                          "finish it with the version that started it, or use another --out directory") from error
 
 
-def appended_attacks(stored: dict, current: dict) -> list[str]:
-    """The attacks ``current`` (an experiment as a dict) adds after the end of ``stored``'s
-    list, everything before them unchanged: a run may grow so, since neither the cascade nor a
-    warm start ever lets a later attack change an earlier attack's records."""
-    old, new = stored["attacks"], current["attacks"]
-    return [a["name"] for a in new[len(old):]] if new[:len(old)] == old else []
+def appended(stored: dict, current: dict, field: str) -> list[str]:
+    """The names of the ``field`` entries (``attacks`` or ``defenses``) that ``current`` (an
+    experiment as a dict) adds after the end of ``stored``'s list, everything before them
+    unchanged: a run may grow so, since neither the cascade nor a warm start ever lets a later
+    attack change an earlier attack's records, and a defence's records depend on no other's."""
+    old, new = stored[field], current[field]
+    return [entry["name"] for entry in new[len(old):]] if new[:len(old)] == old else []
+
+
+def _without_defenses(attacks: list[dict], names: list[str]) -> list[dict]:
+    """``attacks`` with ``names`` struck from their ``defenses`` lists: an appended defence may
+    join an attack restricted to some defences without changing that attack for the others."""
+    return [{**attack, "defenses": [d for d in attack["defenses"] if d not in names]}
+            if attack.get("defenses") is not None else attack for attack in attacks]
 
 
 def more_images(stored: dict, current: dict) -> bool:
@@ -110,33 +118,41 @@ def _recorded_settings(experiment: dict) -> dict:
 
 def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict) -> None:
     """Create the run directory, or check before resuming that it holds this same experiment,
-    as written (``config.yaml``) and as resolved (``resolved.json``), or the same with attacks
-    appended or more images (whole batches; both logged) or its presentation changed; any other
-    difference is refused, named."""
+    as written (``config.yaml``) and as resolved (``resolved.json``), or the same with defences
+    or attacks appended, or more images (whole batches; each logged), or its presentation
+    changed; any other difference is refused, named."""
     files.root.mkdir(parents=True, exist_ok=True)
-    appended: list[str] = []
+    new_attacks: list[str] = []
+    new_defenses: list[str] = []
     if files.config.is_file():  # read through today's dataclasses: a new setting's default is no change
         stored, current = (_recorded_settings(asdict(c)) for c in (_stored_experiment(files), config))
-        appended = appended_attacks(stored, current)
+        new_defenses = appended(stored, current, "defenses")
+        current = {**current, "attacks": _without_defenses(current["attacks"], new_defenses)}
+        new_attacks = appended(stored, current, "attacks")
         grown = more_images(stored, current)
-        changed = "; ".join(differences(stored, {**current, **({"attacks": stored["attacks"]} if appended else {}),
+        changed = "; ".join(differences(stored, {**current, **({"attacks": stored["attacks"]} if new_attacks else {}),
+                                                 **({"defenses": stored["defenses"]} if new_defenses else {}),
                                                  **({"data": stored["data"]} if grown else {})})[:8])
         if changed:
             raise ValueError(f"{files.root} holds a different experiment (its config.yaml differs: "
                              f"{changed}); use another --out directory or delete it, append new "
-                             "attacks after the stored ones, or raise data.limit (from a whole "
-                             "number of batches)")
-        if appended:
-            _LOG.info("extending %s with attacks %s", files.root, ", ".join(appended))
+                             "defences or attacks after the stored ones, or raise data.limit (from "
+                             "a whole number of batches)")
+        for field, names in (("defences", new_defenses), ("attacks", new_attacks)):
+            if names:
+                _LOG.info("extending %s with %s %s", files.root, field, ", ".join(names))
         if grown:
             _LOG.info("extending %s from %d to %s images", files.root, stored["data"]["limit"],
                       current["data"]["limit"] or "all")
-        if appended or grown:  # a finished run is unfinished again until the new records exist
+        if new_defenses or new_attacks or grown:  # a finished run is unfinished until the new records exist
             files.summary.unlink(missing_ok=True)
     if files.resolved.is_file():
         stored = _through_dataclasses(json.loads(files.resolved.read_text())["settings"])
-        current_settings = {**resolved["settings"], "attacks": {
-            name: value for name, value in resolved["settings"]["attacks"].items() if name not in appended}}
+        settings = resolved["settings"]
+        current_settings = {
+            **settings,
+            "attacks": {name: value for name, value in settings["attacks"].items() if name not in new_attacks},
+            "defenses": {name: value for name, value in settings["defenses"].items() if name not in new_defenses}}
         changed = differences(stored, current_settings)
         if changed:
             raise ValueError(f"{files.root} was run with other settings than this version resolves "
