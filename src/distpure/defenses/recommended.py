@@ -50,11 +50,12 @@ def load_defense(dataset: str = "cifar10", guidance: str = "victim", device: str
 
     CIFAR-10 (victim guidance, hard target, t* = 75, 10 steps, scale 10) costs 10 denoiser
     calls and 10 victim forward and backward passes per image, and keeps 77.8 % clean accuracy
-    (expected over 8 purifications, 512 test images; the victim alone 85.5 %). Under attack,
-    expected accuracy over 8 purifications at L∞ 8/255: with the exact gradient through a copy
-    without the guidance (20 + 40 PGD-EOT steps, distpure 0.2), 16.4 % on 16 tuning images,
-    as DiffPure at the same cost (16.4 %); the README's honest table is being re-measured with
-    that attack.
+    (expected over 8 purifications, 512 test images; the victim alone 85.5 %, DiffPure at the
+    same cost 72.8 %). Under attack it is no more robust than DiffPure: at L∞ 8/255, expected
+    accuracy over 8 purifications under the worst of transfer PGD and 100 PGD-EOT steps through
+    a copy without the guidance (EOT 2, converged), 9.0 % on 32 tuning images against
+    DiffPure's 10.9 % under exact PGD-EOT (paired −2.0 [−4.7, +0.8]); no setting of the tuning
+    run did better (README, "Choosing the defence"). ``guidance="none"`` is DiffPure.
     """
     if dataset not in RECOMMENDED:
         raise KeyError(f"no recommended defence for {dataset!r}; known: {', '.join(RECOMMENDED)}")

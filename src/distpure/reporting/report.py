@@ -573,21 +573,27 @@ def _comparison_lines(run: _Run) -> list[str]:
 
 
 def _pareto_plots(run: _Run, plot_dir: Path) -> list[tuple[str, Path]]:
-    """Clean against worst-case accuracy, one point per defence labelled with its cost."""
+    """Clean against worst-case accuracy, one marker per defence (its cost in the legend, as
+    its size) and the Pareto front as a dashed line; the axes fit the points, which often lie
+    within a few points of each other."""
     plots = []
+    markers = "osD^vPX*<>ph"
     for group, points in _pareto_points(run).items():
-        figure = _new_figure((5.5, 4.5))
+        figure = _new_figure((6.5, 4.5))
         axes = figure.subplots()
-        for name, clean, robust, cost in points:
-            axes.scatter([robust], [clean], s=30 + 3 * (cost or 0), alpha=0.7)
-            axes.annotate(name + ("" if cost is None else f" ({cost})"), (robust, clean), fontsize="small",
-                          xytext=(4, 4), textcoords="offset points")
+        for index, (name, clean, robust, cost) in enumerate(points):
+            axes.scatter([robust], [clean], s=30 + 3 * (cost or 0), alpha=0.8, marker=markers[index % len(markers)],
+                         label=name + ("" if cost is None else f" ({cost} calls)"))
+        front = sorted((point[2], point[1]) for point in points if not _dominated(point, points))
+        axes.plot(*zip(*front), "k--", linewidth=0.8, label="Pareto front")
+        for values, set_limits in (([p[2] for p in points], axes.set_xlim), ([p[1] for p in points], axes.set_ylim)):
+            margin = max(2.0, 0.1 * (max(values) - min(values)))
+            set_limits(max(-1.0, min(values) - margin), min(101.0, max(values) + margin))
         axes.set_xlabel(f"{group} accuracy (%)")
         axes.set_ylabel("clean accuracy (%)")
-        axes.set_xlim(-2, 102)
-        axes.set_ylim(-2, 102)
         axes.grid(alpha=0.3)
-        title = f"Clean vs robust ({group}); label: denoiser calls per image"
+        axes.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+        title = f"Clean vs robust ({group}); legend: denoiser calls per image"
         axes.set_title(title, fontsize="medium")
         path = plot_dir / f"pareto_{group}.png"
         figure.savefig(path, dpi=120)
