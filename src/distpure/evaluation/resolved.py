@@ -101,6 +101,11 @@ def _without_defenses(attacks: list[dict], names: list[str]) -> list[dict]:
             if attack.get("defenses") is not None else attack for attack in attacks]
 
 
+def _omit(settings: dict, names: list[str]) -> dict:
+    """``settings`` (by name) without ``names``: what a grown run stored before it grew."""
+    return {name: value for name, value in settings.items() if name not in names}
+
+
 def more_images(stored: dict, current: dict) -> bool:
     """Whether ``current`` (an experiment as a dict) evaluates more images than ``stored`` and
     nothing else about its data: a run may grow so when its images filled whole batches, since
@@ -149,10 +154,8 @@ def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict)
     if files.resolved.is_file():
         stored = _through_dataclasses(json.loads(files.resolved.read_text())["settings"])
         settings = resolved["settings"]
-        current_settings = {
-            **settings,
-            "attacks": {name: value for name, value in settings["attacks"].items() if name not in new_attacks},
-            "defenses": {name: value for name, value in settings["defenses"].items() if name not in new_defenses}}
+        current_settings = {**settings, "attacks": _omit(settings["attacks"], new_attacks),
+                            "defenses": _omit(settings["defenses"], new_defenses)}
         changed = differences(stored, current_settings)
         if changed:
             raise ValueError(f"{files.root} was run with other settings than this version resolves "
