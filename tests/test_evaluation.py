@@ -951,7 +951,11 @@ def test_torchrun_matches_one_process(assets, config_path, reference_run, tmp_pa
 # ----------------------------------------------------------------------------- report
 
 def test_report_of_a_finished_run(assets, reference_run, capsys):
+    stale = reference_run / "plots" / "grid_dropped-defence__pgd.png"  # from a row no longer configured
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"")
     path = write_report(reference_run)
+    assert not stale.exists()
     assert path == reference_run / "report.md"
     text = path.read_text()
     header = "| defence | " + " | ".join(a["name"] for a in ATTACKS) + " | worst-case |"

@@ -45,13 +45,20 @@ def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md``, ``results.csv``, ``plots/*.png`` into ``run_dir``; return report.md."""
     files = RunDirectory(run_dir)
     run = _Run.load(files)
-    files.plots.mkdir(exist_ok=True)
+    _empty_plot_folder(files.plots)
     _write_csv(run, files.csv)
     plots = [*_accuracy_plots(run, files.plots), *_convergence_plots(run, files.plots)]
     grids = [_image_grid(path, files.plots / f"grid_{path.stem}.png")
              for path in sorted(files.examples.glob("*.safetensors"))]
     files.report.write_text(_markdown(run, plots, [g for g in grids if g is not None], files.root))
     return files.report
+
+
+def _empty_plot_folder(plot_dir: Path) -> None:
+    """Create ``plot_dir`` or delete its images, so no plot of a dropped row or attack outlives it."""
+    plot_dir.mkdir(exist_ok=True)
+    for image in plot_dir.glob("*.png"):
+        image.unlink()
 
 
 def summary_json(run_dir: str | Path) -> dict:
