@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..defenses.defended import DefendedClassifier
+from ..defenses.defended import DefendedClassifier, own_stream
 from ..seeding import derive_seed
 from .autoattack import NORMS as AUTOATTACK_NORMS
 from .autoattack import run_autoattack
 from .base import ATTACKS, Attack, Crafted
 from .bpda import BPDA
 from .deviation import DeviatedReconstruction
-from .pgd import ProgressStore, attack_loss, pgd
+from .pgd import ProgressStore, attack_loss, pgd, project
 
 APGD_LOSSES = ("ce", "dlr")
 
@@ -72,10 +72,7 @@ class DefenceAttack(Attack):
     def judge(defense: DefendedClassifier, seed: int) -> DefendedClassifier:
         """The defence as it scores (whole, not a surrogate), with held-out noise of the
         attacker's own: it judges which iterate to keep, never the scorer's draws."""
-        purifier = defense.purifier
-        if purifier is None or not getattr(purifier, "stochastic", False):
-            return defense
-        return defense.with_purifier(purifier.variant(seed=derive_seed(seed, "holdout")))
+        return defense.with_noise_stream(derive_seed(seed, "holdout"))
 
     def attacked_model(self, defense: DefendedClassifier, seed: int) -> nn.Module:
         """What the attacker differentiates: the victim alone where nothing is in front of it;
@@ -89,7 +86,7 @@ class DefenceAttack(Attack):
         """The purifier as the attacker runs it: checkpointed per reverse step (unless the attack
         turns it off, trading memory for speed at few steps: 1.3x at 10 in ``distpure bench``),
         with the attacker's own noise stream (a frozen-noise purifier keeps its fixed draw)."""
-        if not hasattr(purifier, "variant"):
+        if not hasattr(own_stream(purifier), "variant"):  # deterministic: nothing to draw
             return purifier
         if not purifier.stochastic:
             return purifier.variant(checkpoint_steps=self.config.checkpoint, **overrides)
@@ -139,7 +136,9 @@ class SurrogatePGD(DefenceAttack):
 
 @ATTACKS.register("autoattack")
 class AutoAttackEnsemble(DefenceAttack):
-    """AutoAttack's ``standard`` or ``rand`` ensemble, its own verdict and warnings kept."""
+    """AutoAttack's ``standard`` or ``rand`` ensemble and its warnings. Its own verdict is kept
+    only on a deterministic defence: on a randomized one it comes from one noisy forward pass of
+    its own, so there its examples are scored by the R draws like any attack's."""
 
     resumable = False
 
@@ -149,15 +148,17 @@ class AutoAttackEnsemble(DefenceAttack):
                                 version=config.version, iterations=config.iterations,
                                 restarts=config.restarts, eot_iter=config.eot_draws,
                                 seed=derive_seed(seed, "pgd-start"), attacks_to_run=config.attacks_to_run)
-        return Crafted(result.examples, result.broken, frozen, result.warnings)
+        verdict = None if defense.stochastic else result.broken
+        return Crafted(result.examples, verdict, frozen, result.warnings)
 
 
 @ATTACKS.register("apgd")
 class APGD(DefenceAttack):
     """pyautoattack's APGD (its step-size schedule and momentum; CE or DLR loss) on the exact EOT
-    gradient of the defence. Every sample keeps its highest-loss iterate over the restarts,
-    the first of which starts at ``start`` (a warm start) when given: the fresh scoring draws,
-    not one forward of the attacker's, then judge it."""
+    gradient of the defence. Every sample keeps its iterate of highest loss averaged over that
+    iterate's EOT draws, over all restarts (APGD's own keep-best judges by its last draw alone);
+    the first restart starts at ``start`` (a warm start, projected into the ε-ball) when given.
+    The fresh scoring draws, not the attacker's, then judge the kept iterate."""
 
     resumable = False
 
@@ -165,43 +166,54 @@ class APGD(DefenceAttack):
         from pyautoattack.autopgd_base import APGDAttack
 
         config = self.config
-        traced = _TracedForward(model, labels, config.loss)
-        apgd = APGDAttack(traced, n_iter=config.iterations, norm=AUTOATTACK_NORMS[config.norm], eps=config.eps,
+        tracked = _EOTMeanTracker(model, images, labels, config.loss, config.eot_draws)
+        apgd = APGDAttack(tracked, n_iter=config.iterations, norm=AUTOATTACK_NORMS[config.norm], eps=config.eps,
                           loss=config.loss, eot_iter=config.eot_draws, device=images.device)
         apgd.init_hyperparam(images)
-        best, best_loss = images.clone(), torch.full((len(images),), float("-inf"), device=images.device)
+        if start is not None:
+            start = images + project(start.to(images) - images, images, config.norm, config.eps)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, "pgd-start"))
             for restart in range(config.restarts):
-                iterate, _, loss, _ = apgd.attack_single_run(images, labels, start if restart == 0 else None)
-                better = loss > best_loss
-                best[better], best_loss[better] = iterate[better], loss[better]
-        return Crafted(best.detach(), frozen_scorer=frozen, trace=traced.trace(config.eot_draws, config.restarts))
+                apgd.attack_single_run(images, labels, start if restart == 0 else None)
+        return Crafted(tracked.best.detach(), frozen_scorer=frozen, trace=tracked.trace(config.restarts))
 
 
-class _TracedForward(nn.Module):
-    """``model`` as APGD calls it, noting each call's mean loss and accuracy so that APGD has a
-    convergence trace like PGD's: APGD makes ``eot`` calls per iterate (the start included),
-    restart after restart."""
+class _EOTMeanTracker(nn.Module):
+    """``model`` as APGD calls it, ``eot`` calls per iterate (the start included), restart after
+    restart. It keeps each sample's iterate of highest loss averaged over its ``eot`` calls, and
+    notes each call's mean loss and accuracy for a convergence trace like PGD's."""
 
-    def __init__(self, model: nn.Module, labels: torch.Tensor, loss: str) -> None:
+    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss: str, eot: int) -> None:
         super().__init__()
-        self.model, self.labels, self.loss = model, labels, loss
+        self.model, self.labels, self.loss, self.eot = model, labels, loss, eot
+        self.best = images.detach().clone()
+        self.best_loss = torch.full((len(images),), float("-inf"), device=images.device)
+        self._loss_sum = torch.zeros(len(images), device=images.device)
+        self._calls_this_iterate = 0
         self.calls: list[tuple[float, float]] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.model(images)
         with torch.no_grad():
-            self.calls.append((float(attack_loss(logits, self.labels, self.loss).mean()),
-                               float((logits.argmax(1) == self.labels).float().mean())))
+            losses = attack_loss(logits, self.labels, self.loss)
+            self.calls.append((float(losses.mean()), float((logits.argmax(1) == self.labels).float().mean())))
+            self._loss_sum += losses
+            self._calls_this_iterate += 1
+            if self._calls_this_iterate == self.eot:
+                mean = self._loss_sum / self.eot
+                better = mean > self.best_loss
+                self.best[better], self.best_loss[better] = images.detach()[better], mean[better]
+                self._loss_sum.zero_()
+                self._calls_this_iterate = 0
         return logits
 
-    def trace(self, eot: int, restarts: int) -> list[dict]:
+    def trace(self, restarts: int) -> list[dict]:
         """Per iterate, loss and accuracy averaged over its EOT calls and over the restarts."""
         per_restart = len(self.calls) // restarts
         points = []
-        for step in range(per_restart // eot):
-            calls = [self.calls[r * per_restart + step * eot + k] for r in range(restarts) for k in range(eot)]
+        for step in range(per_restart // self.eot):
+            calls = [self.calls[r * per_restart + step * self.eot + k] for r in range(restarts) for k in range(self.eot)]
             points.append({"step": step, "loss": sum(c[0] for c in calls) / len(calls),
                            "accuracy": sum(c[1] for c in calls) / len(calls)})
         return points

@@ -150,8 +150,8 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         if late is not None and step == late_iteration(config.steps):
             late.append((iterate.best if config.keep_best else images + iterate.delta).detach().clone())
         iterate.direction = config.momentum * iterate.direction + _unit_l1(gradient) if config.momentum else gradient
-        iterate.delta = _project(iterate.delta + config.alpha * _ascent_direction(iterate.direction, config.norm),
-                                 images, config)
+        iterate.delta = project(iterate.delta + config.alpha * _ascent_direction(iterate.direction, config.norm),
+                                images, config.norm, config.eps)
         iterate.step = step + 1
         if progress is not None:
             progress.save({"fingerprint": fingerprint, **vars(iterate), "trace": (trace or [])[trace_before:],
@@ -168,7 +168,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 def _first_iterate(images: torch.Tensor, start: torch.Tensor | None, config: PGDConfig) -> _Iterate:
     """Iteration 0: the warm start, a random point of the ball, or the images themselves."""
     if start is not None:
-        delta = _project(start.to(images) - images, images, config)
+        delta = project(start.to(images) - images, images, config.norm, config.eps)
     elif config.random_start:
         delta = _random_start(images, config, torch.Generator().manual_seed(config.seed))
     else:
@@ -263,13 +263,13 @@ def _ascent_direction(gradient: torch.Tensor, norm: str) -> torch.Tensor:
     return gradient / flat_norm.view(-1, *[1] * (gradient.ndim - 1))
 
 
-def _project(delta: torch.Tensor, images: torch.Tensor, config: PGDConfig) -> torch.Tensor:
-    """Back into the ε-ball and the [0, 1] box."""
-    if config.norm == "linf":
-        delta = delta.clamp(-config.eps, config.eps)
+def project(delta: torch.Tensor, images: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """``delta`` back into the ``norm`` ε-ball and ``images + delta`` into the [0, 1] box."""
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
     else:
         norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-        factor = (config.eps / norms).clamp(max=1.0)
+        factor = (eps / norms).clamp(max=1.0)
         delta = delta * factor.view(-1, *[1] * (delta.ndim - 1))
     return ((images + delta).clamp(0.0, 1.0) - images).detach()
 
@@ -284,4 +284,4 @@ def _random_start(images: torch.Tensor, config: PGDConfig, generator: torch.Gene
         radius = torch.rand(len(images), generator=generator).to(images.device)
         radius = radius.view(-1, *[1] * (images.ndim - 1))
         delta = direction / norms * radius * config.eps
-    return _project(delta, images, config)
+    return project(delta, images, config.norm, config.eps)

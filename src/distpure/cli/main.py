@@ -76,6 +76,9 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate N images, the first N of the dataset in the order drawn with "
                              "data.seed (a prefix of any larger run; sets data.limit)")
     parser.add_argument("--out", help="run directory (default: runs/<experiment name>)")
+    parser.add_argument("--new-resumption", action="store_true",
+                        help="resume records made by another distpure version or resolved precision, "
+                             "this session's records kept apart in the report")
     _overrides_argument(parser)
 
 
@@ -87,15 +90,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None:
         overrides = merge(overrides, {"data": {"limit": args.limit}})
     config = load_experiment(args.config, overrides)
-    return _run_and_print(config, args.out or f"runs/{config.name}")
+    return _run_and_print(config, args.out or f"runs/{config.name}", args.new_resumption)
 
 
-def _run_and_print(config, out: str) -> int:
+def _run_and_print(config, out: str, new_resumption: bool = False) -> int:
     from ..devices import describe_hardware
     from ..evaluation.runner import run_experiment
     from ..evaluation.summary import format_table
 
-    summary = run_experiment(config, out)
+    summary = run_experiment(config, out, new_resumption=new_resumption)
     if summary:
         print(format_table(summary))
         print(describe_hardware(summary["hardware"]))

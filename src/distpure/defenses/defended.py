@@ -33,6 +33,14 @@ class DefendedClassifier(nn.Module):
         the UNet's), which this count leaves out."""
         return len(getattr(self.purifier, "timesteps", ())) * self.votes
 
+    def with_noise_stream(self, seed: int) -> "DefendedClassifier":
+        """This defence drawing its noise from a stream of its own (``seed``); itself where
+        nothing is random. A random purifier without ``variant(seed=...)`` is refused: its
+        copies would share one stream, so an attacker could replay the draws that score it."""
+        if not self.stochastic:
+            return self
+        return self.with_purifier(own_stream(self.purifier).variant(seed=seed))
+
     def with_purifier(self, purifier: nn.Module | None) -> "DefendedClassifier":
         """The same victim and votes behind another purifier (e.g. the attacker's variant):
         attacker and scorer attack and score the same defence."""
@@ -47,3 +55,13 @@ class DefendedClassifier(nn.Module):
         probabilities = torch.stack([F.softmax(self.victim(self.purifier(images)).float(), dim=1)
                                      for _ in range(self.votes)]).mean(0)
         return probabilities.clamp_min(1e-12).log()
+
+
+def own_stream(purifier: nn.Module) -> nn.Module:
+    """``purifier``, checked to be able to draw a noise stream of its own (``variant(seed=...)``)
+    if it draws noise at all."""
+    if getattr(purifier, "stochastic", False) and not hasattr(purifier, "variant"):
+        raise ValueError(f"{type(purifier).__name__} draws random noise but has no variant(seed=...) "
+                         "method: the attacker, the selection draws and the scoring draws would share "
+                         "one noise stream; give it a variant that returns a copy seeded by its argument")
+    return purifier

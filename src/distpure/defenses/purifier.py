@@ -27,6 +27,8 @@ from .recompute import recomputed_in_backward
 
 
 SAMPLERS = ("ddpm", "sde")
+#: the settings that make the guidance object (``build_guidance``)
+GUIDANCE_SETTINGS = ("guidance", "victim_scale", "mse_scale", "schedule", "target", "soft_temperature")
 
 
 @dataclass
@@ -145,10 +147,25 @@ class Purifier(nn.Module):
         if "seed" not in overrides and not replace(self.config, **overrides).frozen_noise:
             self._variants += 1
             overrides["seed"] = derive_seed(self.config.seed, "variant", self._variants)
-        guidance = self.guidance if self._custom_guidance else None
-        variant = Purifier(self.diffusion, replace(self.config, **overrides), self.guidance_victim, guidance)
+        variant = Purifier(self.diffusion, replace(self.config, **overrides), self.guidance_victim,
+                           self._guidance_for(overrides))
         variant._samples = self._samples if variant.config.seed == self.config.seed else None
         return variant
+
+    def _guidance_for(self, overrides: dict) -> Guidance | None:
+        """The guidance object of a variant with ``overrides``: this purifier's custom one unless
+        the variant asks for guidance settings of its own; then none where it asks for no
+        guidance, and else a refusal (a custom object cannot be rebuilt with another target or
+        scale, and keeping it would silently give an attacker's surrogate the guidance it asked
+        to change)."""
+        asked = [name for name in GUIDANCE_SETTINGS if name in overrides]
+        if not self._custom_guidance or not asked:
+            return self.guidance if self._custom_guidance else None
+        if "guidance" in overrides and not guidance_terms(overrides["guidance"]):
+            return None  # built from the settings: no guidance
+        raise ValueError(f"this purifier carries a custom guidance object ({type(self.guidance).__name__}), "
+                         f"which cannot be rebuilt with other {', '.join(asked)}; only guidance 'none' "
+                         "can replace it (build the purifier from settings to attack it through a changed copy)")
 
     def bind_samples(self, originals: torch.Tensor, keys: list[int]) -> "Purifier":
         """This frozen-noise purifier with each sample's noise keyed by ``keys`` (e.g. dataset

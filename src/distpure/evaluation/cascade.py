@@ -1,12 +1,15 @@
 """The cascade, as AutoAttack runs its ensemble: within a threat group, attacks run in the
 configured order, and each attacks only the samples that no earlier attack of the group (nor
-``clean``) has broken in every scoring draw (or by its own verdict). A skipped sample is
-recorded as broken by that earlier attack (its scoring draws, with ``skipped_by`` naming it).
+``clean``) has broken in every one of the attacker's selection draws (or by its own verdict):
+the attacker stops on what it can see, never on the scoring draws. A skipped sample is recorded
+as broken by that earlier attack (a copy of its record, with ``skipped_by`` naming it).
 
-Such a sample scores 0 under all three scorings, so no later attack could do better on it: the
-worst case over the group is unchanged by the cascade, whatever the headline scoring. (A sample
-wrong in only some draws is attacked again: skipping it would stop later attacks from lowering
-its expected or majority score.) Each attack's own row then counts the samples an earlier
+The attacker picks the earliest candidate of lowest selection accuracy, and a breaking record
+has none, so the pick, and with it the worst case over the group, is the same as without the
+cascade. (A sample wrong in only some draws is attacked again: skipping it would stop later
+attacks from lowering its expected or majority score.) Runs recorded before selection draws
+chose on all R scoring draws; their records read as the first half selecting, and 0 of R
+implies 0 of the first half, so their skips still hold. Each attack's own row then counts the samples an earlier
 attack broke as broken too, so it reads "this attack, after the earlier ones"; it is not a
 running minimum (a later attack may do less damage than an earlier one on the samples it
 attacks), which is what the worst-case row is.
@@ -17,7 +20,7 @@ from typing import Mapping
 
 from ..attacks.suite import AttackConfig
 from .config import ExperimentConfig
-from .protocol import outcome, threat_group
+from .protocol import attacker_estimate, threat_group
 from .records import Key
 
 
@@ -33,12 +36,43 @@ def cascade_sources(config: ExperimentConfig, attack: AttackConfig) -> list[Atta
 def breaking_record(config: ExperimentConfig, defense: str, attack: AttackConfig, index: int,
                     records: Mapping[Key, dict]) -> dict | None:
     """The record of the first earlier attack that broke sample ``index`` of ``defense`` in
-    every draw, or None if ``attack`` must attack it."""
+    every selection draw, or None if ``attack`` must attack it."""
     for source in cascade_sources(config, attack):
         record = records.get((index, defense, source.name))
-        if record is not None and outcome(record).expected == 0.0:
+        if record is not None and breaks(record):
             return record
     return None
+
+
+def breaks(record: dict) -> bool:
+    """Whether a record's example is wrong in every draw the attacker saw (or by its verdict)."""
+    return attacker_estimate(record) == 0.0
+
+
+def check_skips(records: list[dict], config: ExperimentConfig) -> None:
+    """Refuse records whose cascade skips no longer hold: each skipped record's breaking record
+    (``skipped_by``) must exist, be a source of its attack, break the sample and hold the draws
+    the skip copied (a breaking record rerun or edited since would leave the skip stale)."""
+    by_key = {(int(r["index"]), r["defense"], r["attack"]): r for r in records}
+    attacks = {a.name: a for a in config.attacks}
+    for record in records:
+        if "skipped_by" not in record:
+            continue
+        where = f"record {record['index']} ({record['defense']} / {record['attack']})"
+        source = by_key.get((int(record["index"]), record["defense"], record["skipped_by"]))
+        if source is None:
+            raise ValueError(f"{where} was skipped as broken by {record['skipped_by']!r}, whose record is missing")
+        attack = attacks.get(record["attack"])
+        if attack is not None and record["skipped_by"] not in [a.name for a in cascade_sources(config, attack)]:
+            raise ValueError(f"{where} was skipped as broken by {record['skipped_by']!r}, "
+                             "which is not an earlier attack of its threat group")
+        if not breaks(source) or any(record.get(f) != source.get(f) for f in COPIED_FIELDS):
+            raise ValueError(f"{where} was skipped as broken by {record['skipped_by']!r}, whose record "
+                             "no longer breaks it the same way (rerun or edited since): rerun the skipped attack")
+
+
+#: what a skipped record copies of its breaking record, and must still match
+COPIED_FIELDS = ("label", "predictions", "selection_predictions", "verdict")
 
 
 def skipped_record(breaking: dict, attack: str) -> dict:

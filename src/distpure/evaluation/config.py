@@ -101,17 +101,22 @@ class DefenseConfig:
 @dataclass
 class EvaluationConfig:
     """How examples are scored (see ``protocol``): ``draws`` (R) independent purifications per
-    example whose noise no attacker saw, and the ``headline`` scoring that tables and plots lead
-    with (expected, worst or majority; all three are always reported). With ``cascade`` each
-    attack of a threat group attacks only the samples no earlier one broke (see ``cascade``)."""
+    example whose noise no attacker saw, ``selection_draws`` more of a stream of their own (the
+    attacker's queries, which pick its submission among an attack group's candidates and decide
+    what the cascade skips), and the ``headline`` scoring that tables and plots lead with
+    (expected, worst or majority; all three are always reported). With ``cascade`` each attack
+    of a threat group attacks only the samples no earlier one broke (see ``cascade``)."""
 
     draws: int = 10
+    selection_draws: int = 16
     headline: str = "expected"
     cascade: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.draws, bool) or not isinstance(self.draws, int) or self.draws < 1:
-            raise ValueError(f"evaluation.draws must be a whole number of at least 1, got {self.draws!r}")
+        for name in ("draws", "selection_draws"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"evaluation.{name} must be a whole number of at least 1, got {value!r}")
         if not isinstance(self.cascade, bool):
             raise ValueError(f"evaluation.cascade must be true or false, got {self.cascade!r}")
         if self.headline not in SCORINGS:

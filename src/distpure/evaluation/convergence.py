@@ -8,8 +8,11 @@
 - the **trace**: accuracy on the attacker's own draws per iteration, pooled over the batches.
 
 Both scored measures are paired over the samples the later attack attacked (the attack
-itself, or its continuation). A fall of more than ``TOLERANCE`` means more iterations (or EOT)
-would likely break more samples, so the attack's robust accuracy is an upper bound. The scored measures decide where an attack has one
+itself, or its continuation). An attack is **converged** when every scored measure it has
+falls by at most ``TOLERANCE`` on average and its 95 % interval stays below
+``UPPER_TOLERANCE``, on at least ``MIN_SAMPLES`` samples; **not judged** below that count;
+otherwise **not converged**: more iterations (or EOT) would likely break more samples, so the
+attack's robust accuracy is an upper bound. The scored measures decide where an attack has one
 (the largest of them): they judge the examples the attack returns (its kept iterates) by fresh
 draws, while the trace judges its current iterate on its own few draws, which is noisier and
 blind to what keeping each sample's best iterate gains.
@@ -26,7 +29,10 @@ from .config import ExperimentConfig
 from .protocol import outcome, threat_group
 from .stats import Difference, paired_difference
 
-TOLERANCE = 0.01  # one point of accuracy
+TOLERANCE = 0.01  # one point of accuracy: the most a converged attack's last quarter may gain on average
+UPPER_TOLERANCE = 0.02  # two points: the most its 95 % interval may still allow
+MIN_SAMPLES = 20  # fewer paired samples than this judge nothing
+STATUSES = ("converged", "not converged", "not judged")
 
 
 @dataclass(frozen=True)
@@ -170,8 +176,22 @@ class Convergence:
         return max(scored) if scored else self.curve.late_drop
 
     @property
+    def status(self) -> str:
+        """``converged``, ``not converged`` or ``not judged``: by the scored measures' means and
+        intervals where the attack has them (each on at least ``MIN_SAMPLES`` samples; one that
+        fails on enough samples decides), else by its own-draw trace's fall."""
+        measures = [d for d in (self.scored_fall, self.continuation.gain if self.continuation else None)
+                    if d is not None]
+        if not measures:
+            return STATUSES[0] if self.curve.late_drop <= TOLERANCE else STATUSES[1]
+        judged = [d for d in measures if d.total >= MIN_SAMPLES]
+        if any(d.mean > TOLERANCE or d.high > UPPER_TOLERANCE for d in judged):
+            return STATUSES[1]
+        return STATUSES[0] if len(judged) == len(measures) else STATUSES[2]
+
+    @property
     def converged(self) -> bool:
-        return self.fall <= TOLERANCE
+        return self.status == STATUSES[0]
 
 
 def convergence(traces: list[dict], records: list[dict], config: ExperimentConfig) -> list[Convergence]:
@@ -194,7 +214,7 @@ def convergence_summary(traces: list[dict], records: list[dict], config: Experim
     interval; ``continued_by`` and ``continuation_gain`` with its interval)."""
     summary = {}
     for item in convergence(traces, records, config):
-        entry: dict = {"converged": item.converged, "basis": item.basis, "fall": item.fall}
+        entry: dict = {"converged": item.converged, "status": item.status, "basis": item.basis, "fall": item.fall}
         if item.curve is not None:
             c = item.curve
             entry |= {"late_drop": c.late_drop, "late_drop_error": c.late_drop_error,

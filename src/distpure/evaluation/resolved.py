@@ -164,3 +164,42 @@ def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict)
                              "another --out directory")
     files.config.write_text(dump_yaml(asdict(config)))
     files.resolved.write_text(json.dumps(resolved, indent=2, sort_keys=True))
+
+
+#: what makes records comparable across sessions: the code that scored them and its precision
+STAMP_FIELDS = ("distpure", "precision")
+
+
+def run_stamp(resolved_precision: str) -> dict:
+    """The stamp every record of this session carries: package version and resolved precision."""
+    return {"distpure": package_version(), "precision": resolved_precision}
+
+
+def record_stamp(record: dict, legacy: dict) -> tuple[str, str]:
+    """A record's (version, precision); records from before stamps carry the run's ``legacy`` one."""
+    return tuple(str(record.get(field, legacy.get(field))) for field in STAMP_FIELDS)
+
+
+def legacy_stamp(files: RunDirectory) -> dict:
+    """The stamp of records written before records carried one: the version in ``resolved.json``
+    and the resolved precision of the run's last session."""
+    version = json.loads(files.resolved.read_text()).get("distpure") if files.resolved.is_file() else None
+    sessions = [json.loads(line) for line in files.sessions.read_text().splitlines()] if files.sessions.is_file() else []
+    precision = sessions[-1].get("hardware", {}).get("resolved_precision") if sessions else None
+    return {"distpure": version, "precision": precision}
+
+
+def check_stamps(files: RunDirectory, records: list[dict], stamp: dict, new_resumption: bool) -> None:
+    """Refuse to resume records made by another package version or at another resolved precision
+    (their draws and attacks would not be the ones this session makes), naming the difference;
+    with ``new_resumption`` the session goes on, its records stamped apart for the report."""
+    legacy = legacy_stamp(files)
+    current = tuple(str(stamp[field]) for field in STAMP_FIELDS)
+    others = sorted({record_stamp(r, legacy) for r in records} - {current})
+    if others and not new_resumption:
+        found = "; ".join(f"distpure {version} at {precision}" for version, precision in others)
+        raise ValueError(f"{files.root} holds records made by {found}, but this session is distpure "
+                         f"{current[0]} at {current[1]}: resume it with that version and precision, "
+                         "or pass --new-resumption to go on with this session's records kept apart in the report")
+    if others:
+        _LOG.warning("resuming %s as a new resumption (distpure %s at %s)", files.root, *current)

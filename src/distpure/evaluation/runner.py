@@ -33,9 +33,9 @@ from .metadata import RunClock, environment
 from ..seeding import derive_seed
 from .cascade import breaking_record, skipped_record
 from .convergence import continued_attack
-from .protocol import predict_draws, scorers
+from .protocol import SELECTION_FIELD, predict_draws, scorers
 from .records import Key, RecordWriter, check_dataset_indices, record_key, write_sorted
-from .resolved import claim_run_dir, resolved_settings
+from .resolved import check_stamps, claim_run_dir, resolved_settings, run_stamp
 from .rundir import ProgressFile, RunDirectory
 from .summary import summarize
 from .timing import unit_timing
@@ -46,8 +46,11 @@ _LOG = logging.getLogger("distpure")
 DEFAULT_DATA_FOLDERS = {"cifar10": "cifar10-jpeg", "imagenet30": "imagenet30-samples"}
 
 
-def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress: bool = True) -> dict:
-    """Run (or resume) ``config`` in ``run_dir`` and return its summary."""
+def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress: bool = True,
+                   new_resumption: bool = False) -> dict:
+    """Run (or resume) ``config`` in ``run_dir`` and return its summary. Records made by another
+    package version or resolved precision are not resumed, unless ``new_resumption`` (then this
+    session's records carry their own stamp, which the report keeps apart)."""
     files = RunDirectory(run_dir)
     device = shard_device(resolve_device(config.device))
     shard = current_shard(device)
@@ -62,6 +65,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
     clock = RunClock(files.metadata)
     existing = files.records()
     check_dataset_indices(existing, data.indices.tolist())
+    stamp = run_stamp(hardware(device, config.precision)["resolved_precision"])
+    check_stamps(files, existing, stamp, new_resumption)
     written = {record_key(r): r for r in existing}
     batches = list(enumerate(range(0, len(data), config.batch_size)))
     work = [(b, start) for b, start in batches if shard.owns(b)]
@@ -76,8 +81,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
             for defense_config, attack in pairs:
                 if not all((i, defense_config.name, attack.name) in written for i in batch.indices):
                     started, batch.unit_progress = time.monotonic(), []
-                    records = _evaluate_batch(batch, defenses[defense_config.name], defense_config,
-                                              attack, crafted)
+                    records = [{**record, **stamp} for record in _evaluate_batch(
+                        batch, defenses[defense_config.name], defense_config, attack, crafted)]
                     writer.write(records)
                     seconds = time.monotonic() - started + sum(p.earlier_seconds for p in batch.unit_progress)
                     for kept_progress in batch.unit_progress:
@@ -202,8 +207,9 @@ class _Batch:
 def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
                     attack: AttackConfig, crafted: dict[tuple[str, str], Crafted]) -> list[dict]:
     """Attack one batch, then classify every example with the experiment's R scoring draws
-    (or the attacker's frozen draw), one record per sample; samples an earlier attack of the
-    cascade broke are recorded as its, unattacked and unscored. The same draws also score what
+    and, on a stream of their own, its selection draws (the attacker's queries; under frozen
+    noise both are the attacker's frozen draw), one record per sample; samples an earlier
+    attack of the cascade broke are recorded as its, unattacked and unscored. The same draws also score what
     the attack had at the start of its last quarter (``late_predictions``) and, for an attack
     that continues another, the examples it started from (``start_predictions``): paired
     measures of what its last quarter, and the whole continuation, gained."""
@@ -217,15 +223,16 @@ def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseCon
     examples = result.examples[attacked]
     _keep_examples(batch, spec.name, attack, attacked, examples, replace=True)
 
-    def score(images: torch.Tensor | None) -> Iterator[list[int]] | None:
-        """Per attacked sample, the R draws' predictions: fresh scorers seeded alike replay the
-        same draws at every call (a defence whose noise cannot be seeded would not)."""
+    def score(images: torch.Tensor | None, draws: int = config.evaluation.draws,
+              stream: int = seed) -> Iterator[list[int]] | None:
+        """Per attacked sample, the predictions of ``draws`` draws of ``stream``: fresh scorers
+        seeded alike replay the same draws at every call."""
         if images is None or not attacked:
             return None
-        return iter(predict_draws(scorers(defense, config.evaluation.draws, seed, result.frozen_scorer),
-                                  images[attacked]))
+        return iter(predict_draws(scorers(defense, draws, stream, result.frozen_scorer), images[attacked]))
 
     scored, late = score(result.examples), score(result.late_examples)
+    selected = score(result.examples, config.evaluation.selection_draws, derive_seed(seed, "selection"))
     start = score(result.start) if continued_attack(config, attack) is not None else None
     if batch.number == 0 and attacked:
         first_draw = scorers(defense, 1, seed, result.frozen_scorer)[0]  # replays the scored draw 0
@@ -237,7 +244,7 @@ def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseCon
             records.append(skipped_record(breaking[p], attack.name))
             continue
         records.append({"index": i, "dataset_index": key, "defense": spec.name, "attack": attack.name,
-                        "label": int(y), "predictions": next(scored),
+                        "label": int(y), "predictions": next(scored), SELECTION_FIELD: next(selected),
                         **({"late_predictions": next(late)} if late is not None else {}),
                         **({"start_predictions": next(start)} if start is not None else {}),
                         **({"verdict": "broken"} if broken[p] else {})})

@@ -1,11 +1,14 @@
 """From records to the accuracy table: one row per (defence, attack), each under the three
-scorings of ``protocol`` with 95 % intervals, the experiment's headline scoring up front."""
+scorings of ``protocol`` with 95 % intervals, the experiment's headline scoring up front; per
+threat group the worst case (one candidate per sample picked on the attacker's selection draws,
+scored on the scoring draws) and the resubmission row (right in every draw of every attack)."""
 from __future__ import annotations
 
 from ..attacks.suite import AttackConfig
 from .config import DefenseConfig, ExperimentConfig
-from .cascade import cascade_savings
-from .protocol import SCORINGS, Outcome, draw_count, outcome, scored_accuracy, threat_group, worst_outcome
+from .cascade import cascade_savings, check_skips
+from .protocol import (SCORINGS, Outcome, draw_count, outcome, picked_outcome, resubmission_outcome,
+                       scored_accuracy, selection_and_scoring, selection_draw_count, threat_group)
 from .stats import paired_difference
 
 SCORING_LABELS = {"expected": "expected", "worst": "worst-of-R", "majority": "majority-of-R"}
@@ -15,7 +18,9 @@ def summarize(records: list[dict], config: ExperimentConfig) -> dict:
     """Rows per (defence, attack) in config order, with the paper's number where stated, then
     per defence the worst case over the attacks of each threat group (see ``worst_cases``), and
     each defence's paired difference from the ``baseline`` defence, if the config names one."""
+    check_skips(records, config)
     outcomes = sample_outcomes(records)
+    by_pair = sample_records(records)
     draws: dict[tuple[str, str], int] = {}
     skipped: dict[tuple[str, str], int] = {}
     for record in records:
@@ -36,16 +41,58 @@ def summarize(records: list[dict], config: ExperimentConfig) -> dict:
         for name, group in worst_cases(config).items():
             attacks = _attacking(group, defense.name)
             threat = next(a for a in group if a.kind != "clean")
-            rows.append(_row(config, defense, name,
-                             list(worst_case_outcomes(outcomes, defense.name, attacks).values()),
+            candidates = sample_candidates(by_pair, defense.name, attacks)
+            counts = [selection_and_scoring_draws(c) for c in candidates.values()]
+            common = {"norm": threat.norm, "eps": threat.eps, "eot": max((a.eot_draws for a in attacks), default=0),
+                      "steps": max((a.iterations for a in attacks), default=0),
+                      "frozen_noise": threat.frozen_noise, "over": [a.name for a in attacks]}
+            rows.append(_row(config, defense, name, [picked_outcome(c) for c in candidates.values()],
+                             min((r for _, r in counts), default=0),
+                             {"kind": "worst-case", **common,
+                              "selection_draws": min((s for s, _ in counts), default=0)}))
+            rows.append(_row(config, defense, resubmission_name(name),
+                             [resubmission_outcome(c) for c in candidates.values()],
                              max((draws.get((defense.name, a.name), 0) for a in attacks), default=0),
-                             {"kind": "worst-case", "norm": threat.norm, "eps": threat.eps,
-                              "eot": max((a.eot_draws for a in attacks), default=0),
-                              "steps": max((a.iterations for a in attacks), default=0),
-                              "frozen_noise": threat.frozen_noise, "over": [a.name for a in attacks]}))
+                             {"kind": "resubmission", **common}))
     return {"experiment": config.name, "description": config.description,
-            "scoring": config.evaluation.headline, "draws": config.evaluation.draws, "rows": rows,
-            "cascade": cascade_savings(records, config), "comparisons": paired_comparisons(config, outcomes)}
+            "scoring": config.evaluation.headline, "draws": config.evaluation.draws,
+            "selection_draws": config.evaluation.selection_draws, "rows": rows,
+            "selection_sweep": selection_sweep(config, by_pair),
+            "cascade": cascade_savings(records, config), "comparisons": paired_comparisons(config, by_pair)}
+
+
+def resubmission_name(worst_case: str) -> str:
+    """The resubmission row of a worst-case row (``worst-case-l2-0.5`` -> ``resubmission-l2-0.5``)."""
+    return worst_case.replace("worst-case", "resubmission", 1)
+
+
+def selection_and_scoring_draws(candidates: list[dict]) -> tuple[int, int]:
+    """(selection draws, scoring draws) that a sample's worst case rests on: the fewest any of
+    its candidates offers."""
+    return (min(selection_draw_count(r) for r in candidates),
+            min(draw_count(selection_and_scoring(r)[1]) for r in candidates))
+
+
+SWEEP_DRAWS = (1, 2, 4, 8, 16, 32)
+
+
+def selection_sweep(config: ExperimentConfig, by_pair: dict[tuple[str, str], dict[int, dict]]) -> list[dict]:
+    """Per defence and threat group, the worst case's expected accuracy when the attacker picks on
+    its first 1, 2, 4, ... selection draws (as many as the records hold): the figure falls as the
+    attacker sees more and settles once more queries no longer change its picks."""
+    sweep = []
+    for defense in config.defenses:
+        for name, group in worst_cases(config).items():
+            candidates = sample_candidates(by_pair, defense.name, _attacking(group, defense.name))
+            if not candidates:
+                continue
+            available = min(selection_and_scoring_draws(c)[0] for c in candidates.values())
+            for count in (n for n in SWEEP_DRAWS if n <= available):
+                result = scored_accuracy([picked_outcome(c, count) for c in candidates.values()], "expected")
+                sweep.append({"defense": defense.name, "column": name, "selection_draws": count,
+                              "accuracy": result.value, "ci_low": result.low, "ci_high": result.high,
+                              "total": result.total})
+    return sweep
 
 
 def sample_outcomes(records: list[dict]) -> dict[tuple[str, str], dict[int, Outcome]]:
@@ -62,21 +109,31 @@ def _attacking(group: list[AttackConfig], defense: str) -> list[AttackConfig]:
     return [] if all(a.kind == "clean" for a in attacks) else attacks
 
 
-def worst_case_outcomes(outcomes: dict[tuple[str, str], dict[int, Outcome]], defense: str,
-                        attacks: list[AttackConfig]) -> dict[int, Outcome]:
-    """Per sample that every one of ``attacks`` has a record of, its worst outcome over them."""
-    per_attack = [outcomes.get((defense, a.name), {}) for a in attacks]
+def sample_records(records: list[dict]) -> dict[tuple[str, str], dict[int, dict]]:
+    """Per (defence, attack), each sample's record by its index."""
+    by_pair: dict[tuple[str, str], dict[int, dict]] = {}
+    for record in records:
+        by_pair.setdefault((record["defense"], record["attack"]), {})[int(record["index"])] = record
+    return by_pair
+
+
+def sample_candidates(by_pair: dict[tuple[str, str], dict[int, dict]], defense: str,
+                      attacks: list[AttackConfig]) -> dict[int, list[dict]]:
+    """Per sample that every one of ``attacks`` has a record of, those records in cascade order:
+    the candidates an attacker picks its submission from."""
+    per_attack = [by_pair.get((defense, a.name), {}) for a in attacks]
     shared = set.intersection(*(set(o) for o in per_attack)) if per_attack else set()
-    return {i: worst_outcome([o[i] for o in per_attack]) for i in sorted(shared)}
+    return {i: [records[i] for records in per_attack] for i in sorted(shared)}
 
 
-def paired_comparisons(config: ExperimentConfig, outcomes: dict[tuple[str, str], dict[int, Outcome]]
+def paired_comparisons(config: ExperimentConfig, by_pair: dict[tuple[str, str], dict[int, dict]]
                        ) -> list[dict]:
     """Each defence's paired difference from ``config.baseline`` on clean images and on each
-    threat group's worst case, on the samples both have, under every scoring (percent points
-    as fractions, with 95 % intervals): the comparison a claim "beats the baseline" needs. Each
-    side's worst case is over the attacks that ran against it (``over``, ``baseline_over``):
-    an attack defined for one defence only, such as a surrogate of its guidance, stays in."""
+    threat group's worst case (picked on selection draws), on the samples both have, under
+    every scoring (percent points as fractions, with 95 % intervals): the comparison a claim
+    "beats the baseline" needs. Each side's worst case is over the attacks that ran against it
+    (``over``, ``baseline_over``): an attack defined for one defence only, such as a surrogate
+    of its guidance, stays in."""
     if config.baseline is None:
         return []
     columns = {a.name: [a] for a in config.attacks if a.kind == "clean"} | worst_cases(config)
@@ -85,7 +142,8 @@ def paired_comparisons(config: ExperimentConfig, outcomes: dict[tuple[str, str],
         for column, group in columns.items():
             attacks = [group if len(group) == 1 else _attacking(group, name)  # a single attack (clean) as it is
                        for name in (defense, config.baseline)]
-            sides = [worst_case_outcomes(outcomes, name, over) for name, over in zip((defense, config.baseline), attacks)]
+            sides = [{i: picked_outcome(c) for i, c in sample_candidates(by_pair, name, over).items()}
+                     for name, over in zip((defense, config.baseline), attacks)]
             shared = sorted(set(sides[0]) & set(sides[1]))
             differences = {scoring: paired_difference([sides[0][i].by(scoring) - sides[1][i].by(scoring)
                                                        for i in shared]) for scoring in SCORINGS}

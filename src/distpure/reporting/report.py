@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..devices import describe_hardware
 from ..evaluation.config import DefenseConfig, ExperimentConfig, load_experiment
-from ..evaluation.convergence import TOLERANCE, Curve, convergence, convergence_summary, curves
+from ..evaluation.convergence import MIN_SAMPLES, TOLERANCE, UPPER_TOLERANCE, Curve, convergence, convergence_summary, curves
 from ..evaluation.protocol import SCORINGS
 from ..evaluation.rundir import RunDirectory
 from ..evaluation.stats import Difference
@@ -429,12 +429,14 @@ def _convergence_lines(run: _Run) -> list[str]:
              "–" if item.curve is None else f"{100 * item.curve.late_drop:+.1f} ± {100 * item.curve.late_drop_error:.1f}",
              _fall_text(item.scored_fall),
              "–" if item.continuation is None else f"{item.continuation.attack}: {_fall_text(item.continuation.gain)}",
-             ("converged" if item.converged else "**not converged**") + f" ({item.basis})"] for item in found]
+             (item.status if item.status != "not converged" else "**not converged**") + f" ({item.basis})"] for item in found]
     return ["### Convergence", "",
             "What more attacking would still gain, in points of expected accuracy over the samples "
-            f"the attack attacked; a fall above {100 * TOLERANCE:.0f} point marks the attack **not "
-            "converged** (its robust accuracy is an upper bound). The scored measures decide where "
-            "the attack has one (the larger of them), else its own draws (in brackets: which "
+            f"the attack attacked. An attack is converged when each scored measure falls by at most "
+            f"{100 * TOLERANCE:.0f} point on average with its 95 % interval below {100 * UPPER_TOLERANCE:.0f} "
+            f"points, on at least {MIN_SAMPLES} samples; **not converged** otherwise (its robust "
+            f"accuracy is an upper bound); not judged on fewer samples. The scored measures decide where "
+            "the attack has one (both must pass), else its own draws (in brackets: which "
             "decided). *Scored fall over the last quarter*: the R scoring draws classify both the "
             "final examples and what the attack had kept at the start of its last quarter. "
             "*Continued by*: a later attack of the same kind and threat started from this one's "
@@ -521,13 +523,18 @@ def _pareto_lines(run: _Run) -> list[str]:
     return lines
 
 
+def _status_mark(status: str | None) -> str:
+    """What the glance table adds after an attack that is not known to be converged."""
+    return {"not converged": ", **not converged**", "not judged": ", not judged"}.get(status or "", "")
+
+
 def _glance_lines(run: _Run) -> list[str]:
     """The table to paste into a paper: per defence, clean and each threat group's worst case
     under the three scorings, and the group's single strongest attack by the headline (marked
     where the report finds it not converged)."""
     groups = worst_cases(run.config)
     clean = [a.name for a in run.config.attacks if a.kind == "clean"]
-    unconverged = {(c.owner, c.attack) for c in convergence(run.traces, run.records, run.config) if not c.converged}
+    status = {(c.owner, c.attack): c.status for c in convergence(run.traces, run.records, run.config)}
     rows = []
     for defense in run.config.defenses:
         cells = [_scorings_cell(run.row(defense.name, name)) for name in clean]
@@ -537,7 +544,7 @@ def _glance_lines(run: _Run) -> list[str]:
             strongest = min((r for r in attacked if r["total"]), key=lambda r: r["accuracy"], default=None)
             cells += [_scorings_cell(run.row(defense.name, name)),
                       "–" if strongest is None else f"{strongest['attack']} ({100 * strongest['accuracy']:.1f})"
-                      + (", **not converged**" if (defense.name, strongest["attack"]) in unconverged else "")]
+                      + _status_mark(status.get((defense.name, strongest["attack"])))]
         rows.append([defense.name, *cells])
     header = ["defence", *clean, *(h for name in groups for h in (name, f"strongest of {name}"))]
     cascade = (" Under the cascade an attack's column also counts the samples earlier attacks of "
