@@ -25,7 +25,8 @@ from distpure.config import load_yaml
 from distpure.defenses.purifier import Purifier
 from distpure.defenses.recommended import recommended_purifier_config
 from distpure.evaluation.records import read_records
-from distpure.models.diffusion import DiffusionModel, load_diffusion
+from distpure.models.diffusion import DiffusionModel
+from distpure.models.diffusion_loader import load_diffusion
 from distpure.models.weights import save_state_dict
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "imagenet30-linf.yaml"

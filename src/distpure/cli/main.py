@@ -176,7 +176,7 @@ def _eval_diffusion_arguments(parser: argparse.ArgumentParser) -> None:
 def _eval_diffusion(args: argparse.Namespace) -> int:
     from ..data import default_data_root, load_cifar10
     from ..evaluation.denoising import denoising_psnr
-    from ..models.diffusion import load_diffusion
+    from ..models.diffusion_loader import load_diffusion
 
     data = load_cifar10(args.data or default_data_root() / "cifar10-jpeg", "test", n=args.limit)
     psnr = denoising_psnr(load_diffusion(args.model), data.images, args.timesteps)
