@@ -17,12 +17,23 @@ def format_number(value) -> str:
     return str(value)
 
 
-def format_eps(eps: float, norm: str) -> str:
-    """8/255 rather than 0.0313725 when ε is a whole number of grey levels."""
+def grey_levels(eps: float) -> str | None:
+    """``8/255`` when ε is a whole number of grey levels (within the rounding of a threat group's
+    8 decimals), else None."""
     levels = eps * 255
-    if norm == "linf" and eps > 0 and abs(levels - round(levels)) < 1e-6:
-        return f"{round(levels)}/255"
-    return f"{eps:g}"
+    return f"{round(levels)}/255" if eps > 0 and abs(levels - round(levels)) < 1e-5 else None
+
+
+def format_eps(eps: float, norm: str) -> str:
+    """8/255 rather than 0.0313725 for an L∞ ε that is a whole number of grey levels."""
+    return (norm == "linf" and grey_levels(eps)) or f"{eps:g}"
+
+
+def threat_label(norm: str, eps: float, frozen: bool) -> str:
+    """A threat group as a reader names it: ``L2 128/255`` (ε in grey levels wherever it is a
+    whole number of them), ``, frozen noise`` for the deterministic white-box threat."""
+    amount = grey_levels(eps) or f"{eps:g}"
+    return f"{NORM_LABELS.get(norm, norm)} {amount}" + (", frozen noise" if frozen else "")
 
 
 def threat_model(row: dict) -> str:

@@ -4,12 +4,14 @@ cascade, time, convergence, warnings and every result in long form."""
 from __future__ import annotations
 
 from ..evaluation.convergence import TOLERANCE, convergence
-from ..evaluation.protocol import SCORINGS
+from ..attacks.suite import AttackConfig
+from ..evaluation.config import ExperimentConfig
+from ..evaluation.protocol import SCORINGS, threat_group
 from ..evaluation.rundir import RunDirectory
 from ..evaluation.stats import Difference
 from ..evaluation.summary import SCORING_LABELS, interval_text, worst_cases
 from ..evaluation.timing import time_summary
-from .markdown import NORM_LABELS, duration, format_eps, format_number, settings_text, table
+from .markdown import NORM_LABELS, duration, format_eps, format_number, settings_text, table, threat_label
 from .pareto import dominated, pareto_points
 from .run import Run
 
@@ -23,32 +25,54 @@ SCORING_MEANINGS = {
 
 
 def accuracy_lines(run: Run) -> list[str]:
-    """*Accuracy*: one table per scoring (the headline first), defences as rows, every attack
-    and each threat group's worst case as columns."""
+    """*Accuracy*: one table per threat group, its attacks as rows in the order listed (the
+    cascade's), then its worst case, and the defences as columns; each cell holds the three
+    scorings (their intervals are in *All results*, the wide form in the CSV)."""
     config = run.config
-    attacks = [a.name for a in config.attacks] + list(worst_cases(config))
-    draws = config.evaluation.draws
+    paper = any(r["paper"] is not None for r in run.rows)
     lines = ["## Accuracy", "",
-             f"Every example is classified by R = {draws} purifications whose noise no attacker "
-             "saw (deterministic defences: one; frozen-noise attacks: the attacker's own fixed "
-             "draw, the threat model they stand for), and scored three ways; the worst case is taken "
-             "per sample over the attacks of one threat group, clean included. 95 % intervals "
-             f"(Wilson; a normal interval for expected accuracy over several draws) over "
-             f"n = {run.samples} samples" + ("; in parentheses the accuracy reported in the paper."
-                                            if any(r["paper"] is not None for r in run.rows) else "."), ""]
-    order = [config.evaluation.headline, *(s for s in SCORINGS if s != config.evaluation.headline)]
-    for scoring in order:
-        table_rows = [[d.name, *(_main_cell(run.row(d.name, a), scoring) for a in attacks)]
-                      for d in config.defenses]
-        lines += [f"### {SCORING_LABELS[scoring]}" + (" (headline)" if scoring == order[0] else ""), "",
-                  f"{SCORING_LABELS[scoring].capitalize()}: {SCORING_MEANINGS[scoring]}.", "",
-                  *table(["defence", *attacks], table_rows, ["---", *[":---:"] * len(attacks)]), ""]
+             f"Every example is classified by R = {config.evaluation.draws} purifications whose noise "
+             "no attacker saw (deterministic defences: one; frozen-noise attacks: the attacker's own "
+             "fixed draw, the threat model they stand for), and scored three ways; the worst case is "
+             "taken per sample over the attacks of one threat group, clean included. Each cell gives "
+             f"{' / '.join(SCORING_LABELS[s] for s in SCORINGS)} accuracy in % over n = {run.samples} "
+             f"samples (the headline is {SCORING_LABELS[config.evaluation.headline]})"
+             + ("; in parentheses the accuracy reported in the paper" if paper else "")
+             + ". Their 95 % intervals are in *All results* below.", "",
+             *(f"- {SCORING_LABELS[s].capitalize()}: {SCORING_MEANINGS[s]}." for s in SCORINGS), ""]
+    names = [d.name for d in config.defenses]
+    for heading, rows in _threat_tables(config):
+        cells = [[label, *(_accuracy_cell(run.row(defense, name)) for defense in names)] for label, name in rows]
+        lines += [f"### {heading}", "", *table(["attack", *names], cells, ["---", *[":---:"] * len(names)]), ""]
     return lines
 
 
-def _main_cell(row: dict, scoring: str) -> str:
-    text = interval_text(row, scoring) if row["total"] else "–"
-    return text + (f" ({format_number(row['paper'])})" if row["paper"] is not None else "")
+def _threat_tables(config: ExperimentConfig) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(heading, [(row label, summary row name)]) per threat group, in the order the groups
+    first appear: clean, the group's attacks as listed, then its worst case; clean alone when
+    the experiment has no attack."""
+    clean = [a.name for a in config.attacks if a.kind == "clean"]
+    groups: dict[tuple[str, float, bool], list[str]] = {}
+    for attack in config.attacks:
+        if attack.kind != "clean":
+            groups.setdefault(threat_group(attack), []).append(attack.name)
+    worst = {_group_key(group): name for name, group in worst_cases(config).items()}
+    tables = []
+    for key, attacks in groups.items():
+        label = threat_label(*key)
+        rows = [(name, name) for name in clean + attacks]
+        tables.append((label, rows + ([(f"worst case, {label}", worst[key])] if key in worst else [])))
+    return tables or [("clean", [(name, name) for name in clean])]
+
+
+def _accuracy_cell(row: dict) -> str:
+    """The three scorings of one (defence, attack), and the paper's figure where there is one."""
+    return _scorings_cell(row) + (f" ({format_number(row['paper'])})" if row["paper"] is not None else "")
+
+
+def _group_key(group: list[AttackConfig]) -> tuple[str, float, bool]:
+    """The (norm, ε, frozen) of a worst case's group (its attacks other than clean)."""
+    return threat_group(next(attack for attack in group if attack.kind != "clean"))
 
 
 def glance_lines(run: Run) -> list[str]:
@@ -69,7 +93,8 @@ def glance_lines(run: Run) -> list[str]:
                       "–" if strongest is None else f"{strongest['attack']} ({100 * strongest['accuracy']:.1f})"
                       + (", **not converged**" if (defense.name, strongest["attack"]) in unconverged else "")]
         rows.append([defense.name, *cells])
-    header = ["defence", *clean, *(h for name in groups for h in (name, f"strongest of {name}"))]
+    labels = [threat_label(*_group_key(group)) for group in groups.values()]
+    header = ["defence", *clean, *(h for label in labels for h in (f"worst case, {label}", f"strongest, {label}"))]
     cascade = (" Under the cascade an attack's column also counts the samples earlier attacks of "
                "its group broke in every draw, so this is the attack that finished the job, not one "
                "that did it alone." if run.config.evaluation.cascade else "")
