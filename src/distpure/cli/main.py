@@ -65,9 +65,9 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 @command("demo", "clean and transfer-PGD accuracy: no defence, DiffPure, victim-guided",
          _demo_arguments)
 def _demo(args: argparse.Namespace) -> int:
-    from ..evaluation.demo import demo_experiment
+    from ..evaluation.demo import DEMO_HEADING, demo_experiment
 
-    return _run_and_print(demo_experiment(args.limit), args.out)
+    return _run_and_print(demo_experiment(args.limit), args.out, DEMO_HEADING)
 
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,13 +90,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return _run_and_print(config, args.out or f"runs/{config.name}")
 
 
-def _run_and_print(config, out: str) -> int:
+def _run_and_print(config, out: str, heading: str = "") -> int:
+    """Run (or resume) ``config`` in ``out`` and print its table, under ``heading`` if given."""
     from ..devices import describe_hardware
     from ..evaluation.runner import run_experiment
     from ..evaluation.summary import format_table
 
     summary = run_experiment(config, out)
     if summary:
+        if heading:
+            print(heading)
         print(format_table(summary))
         print(describe_hardware(summary["hardware"]))
         print(f"\nrun directory: {out}  (distpure report {out} writes report.md)")
