@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from distpure.cli.main import main
 from distpure.models.adm import (ADM_256_UNCOND_FLAGS, adm_unet_config, convert_adm,
                                  convert_adm_state_dict, load_adm_checkpoint)
-from distpure.models.diffusion import DiffusionModel, load_diffusion
+from distpure.models.diffusion import DiffusionModel
+from distpure.models.diffusion_loader import load_diffusion
 from distpure.sampling.reverse import learned_log_variance, posterior_mean, predict_x0, step_coefficients
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "adm"

@@ -394,7 +394,7 @@ def test_shipped_training_configs_are_valid(path):
     """Every training run under configs/training/ parses, and one that fine-tunes names a
     registered diffusion model."""
     from distpure.config import from_dict, load_yaml
-    from distpure.models.diffusion import DIFFUSION_MODELS
+    from distpure.models.diffusion_loader import DIFFUSION_MODELS
     from distpure.training.diffusion import DiffusionTrainingConfig
 
     config = from_dict(DiffusionTrainingConfig, load_yaml(path))
@@ -1141,7 +1141,7 @@ def test_an_attack_limited_to_some_defences_runs_and_counts_only_there():
 def test_pareto_front_marks_dominated_defences():
     """A defence is dominated when another is at least as accurate clean and robust at no more
     cost, and strictly better somewhere; equal points dominate neither."""
-    from distpure.reporting.report import _dominated
+    from distpure.reporting.pareto import dominated as _dominated
 
     points = [("cheap", 80.0, 40.0, 10), ("costly-worse", 79.0, 40.0, 20), ("robust", 70.0, 60.0, 20),
               ("twin", 80.0, 40.0, 10)]

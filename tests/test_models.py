@@ -11,7 +11,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from distpure.models.classifiers import load_classifier
-from distpure.models.diffusion import DiffusionModel, load_diffusion
+from distpure.models.diffusion import DiffusionModel
+from distpure.models.diffusion_loader import load_diffusion
 from distpure.models.weights import UnsafeCheckpointError, load_state_dict
 from distpure.sampling.reverse import predict_x0
 

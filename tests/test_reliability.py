@@ -36,7 +36,8 @@ from distpure.defenses.defended import DefendedClassifier
 from distpure.defenses.purifier import Purifier, PurifierConfig
 from distpure.evaluation.rundir import ProgressFile
 from distpure.models.classifiers import load_classifier
-from distpure.models.diffusion import DiffusionModel, load_diffusion
+from distpure.models.diffusion import DiffusionModel
+from distpure.models.diffusion_loader import load_diffusion
 from distpure.models.weights import UnsafeCheckpointError, save_state_dict
 from distpure.training.checkpoint import load_if_exists
 

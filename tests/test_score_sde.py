@@ -28,7 +28,9 @@ from distpure.config import load_yaml
 from distpure.defenses.purifier import Purifier
 from distpure.evaluation.records import read_records
 from distpure.models.classifiers import load_classifier
-from distpure.models.diffusion import DiffusionModel, NoisePredictor, load_diffusion
+from distpure.models.diffusion import DiffusionModel
+from distpure.models.diffusion_loader import load_diffusion
+from distpure.models.noise_predictor import NoisePredictor
 from distpure.models.ncsnpp import (NCSNpp, NCSNppConfig, ScoreSDEModel, convert_score_sde,
                                     convert_score_sde_state_dict, load_score_sde, ncsnpp_config)
 from distpure.models.weights import save_state_dict

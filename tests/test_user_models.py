@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from distpure.models.classifiers import load_classifier
-from distpure.models.diffusion import DiffusionModel, load_diffusion
+from distpure.models.diffusion import DiffusionModel
+from distpure.models.diffusion_loader import load_diffusion
 from distpure.models.weights import save_state_dict
 from distpure.registry import is_callable_spec
 

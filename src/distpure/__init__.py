@@ -11,7 +11,9 @@ from .defenses.guidance import CombinedGuidance, Guidance, MSEGuidance, VictimGu
 from .defenses.purifier import Purifier, PurifierConfig
 from .defenses.recommended import load_defense
 from .models.classifiers import load_classifier
-from .models.diffusion import DiffusionModel, NoisePredictor, load_diffusion
+from .models.diffusion import DiffusionModel
+from .models.diffusion_loader import load_diffusion
+from .models.noise_predictor import NoisePredictor
 from .models.ncsnpp import ScoreSDEModel, load_score_sde
 
 __all__ = [

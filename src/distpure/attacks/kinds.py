@@ -18,8 +18,6 @@ from .bpda import BPDA
 from .deviation import DeviatedReconstruction
 from .pgd import ProgressStore, attack_loss, pgd, project
 
-APGD_LOSSES = ("ce", "dlr")
-
 
 @ATTACKS.register("clean")
 class Clean(Attack):

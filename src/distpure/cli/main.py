@@ -65,9 +65,9 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 @command("demo", "clean and transfer-PGD accuracy: no defence, DiffPure, victim-guided",
          _demo_arguments)
 def _demo(args: argparse.Namespace) -> int:
-    from ..evaluation.demo import demo_experiment
+    from ..evaluation.demo import DEMO_HEADING, demo_experiment
 
-    return _run_and_print(demo_experiment(args.limit), args.out)
+    return _run_and_print(demo_experiment(args.limit), args.out, heading=DEMO_HEADING)
 
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,13 +93,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return _run_and_print(config, args.out or f"runs/{config.name}", args.new_resumption)
 
 
-def _run_and_print(config, out: str, new_resumption: bool = False) -> int:
+def _run_and_print(config, out: str, new_resumption: bool = False, heading: str = "") -> int:
+    """Run (or resume) ``config`` in ``out`` and print its table, under ``heading`` if given."""
     from ..devices import describe_hardware
     from ..evaluation.runner import run_experiment
     from ..evaluation.summary import format_table
 
     summary = run_experiment(config, out, new_resumption=new_resumption)
     if summary:
+        if heading:
+            print(heading)
         print(format_table(summary))
         print(describe_hardware(summary["hardware"]))
         print(f"\nrun directory: {out}  (distpure report {out} writes report.md)")
@@ -179,7 +182,7 @@ def _eval_diffusion_arguments(parser: argparse.ArgumentParser) -> None:
 def _eval_diffusion(args: argparse.Namespace) -> int:
     from ..data import default_data_root, load_cifar10
     from ..evaluation.denoising import denoising_psnr
-    from ..models.diffusion import load_diffusion
+    from ..models.diffusion_loader import load_diffusion
 
     data = load_cifar10(args.data or default_data_root() / "cifar10-jpeg", "test", n=args.limit)
     psnr = denoising_psnr(load_diffusion(args.model), data.images, args.timesteps)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..devices import autocast, check_precision
-from ..models.diffusion import NoisePredictor
+from ..models.noise_predictor import NoisePredictor
 from ..sampling.reverse import StepCoefficients, predict_x0, reverse_step, step_coefficients
 from ..sampling.schedule import forward_diffuse, resolve_t_star, reverse_timesteps
 from ..sampling.sde import T_END, reverse_sde_step, reverse_sde_times

@@ -8,7 +8,8 @@ from torch import nn
 from ..config import from_dict
 from ..devices import resolve_device
 from ..models.classifiers import load_classifier
-from ..models.diffusion import DiffusionModel, load_diffusion
+from ..models.diffusion import DiffusionModel
+from ..models.diffusion_loader import load_diffusion
 from .defended import DefendedClassifier
 from .purifier import Purifier, PurifierConfig
 

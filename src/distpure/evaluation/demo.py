@@ -5,6 +5,13 @@ from ..attacks.suite import AttackConfig
 from .config import DataConfig, DefenseConfig, EvaluationConfig, ExperimentConfig
 
 
+# Printed above the demo's table: its worst case is over clean and one transfer attack, which a
+# newcomer would otherwise read as the defence's robustness.
+DEMO_HEADING = ("NOT a robustness figure: a transfer-attack check (PGD crafted on the undefended victim); "
+                "its worst case is the worst of clean and transfer. The converged adaptive evaluation is "
+                "configs/cifar10-honest.yaml (docs/findings.md).")
+
+
 def demo_experiment(limit: int = 256) -> ExperimentConfig:
     """Clean and transfer PGD-L∞ 8/255 (20 steps, on the victim alone) accuracy of three defences,
     each example scored by one purification (expected accuracy; the three scorings of several

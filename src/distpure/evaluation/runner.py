@@ -25,7 +25,8 @@ from ..defenses.defended import DefendedClassifier
 from ..defenses.recommended import build_purified_classifier
 from ..devices import hardware, resolve_device
 from ..models.classifiers import load_classifier
-from ..models.diffusion import NoisePredictor, load_diffusion
+from ..models.diffusion_loader import load_diffusion
+from ..models.noise_predictor import NoisePredictor
 from ..models.weights import load_state_dict, save_tensors
 from .config import DefenseConfig, ExperimentConfig
 from .distributed import Shard, current_shard, finish, shard_device

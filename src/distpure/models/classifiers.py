@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..registry import Registry, build_from_spec, is_callable_spec
+from .imagenet30 import imagenet30_classifier
 from .robustbench_zoo import robustbench_classifier
 from .weights import load_state_dict
 
@@ -36,18 +37,6 @@ class Normalized(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network((images - self.mean) / self.std)
-
-
-class ClassSubset(nn.Module):
-    """Keeps only some output logits, e.g. an ImageNet-1k classifier restricted to ImageNet-30."""
-
-    def __init__(self, network: nn.Module, class_indices: Sequence[int]) -> None:
-        super().__init__()
-        self.network = network
-        self.register_buffer("class_indices", torch.tensor(list(class_indices), dtype=torch.long))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(images).index_select(1, self.class_indices)
 
 
 def _pyautoattack_weights() -> Path:
@@ -122,8 +111,6 @@ def imagenet_wide_resnet50_2(weights: str | Path | None = None) -> nn.Module:
 @CLASSIFIERS.register("imagenet30-resnet50")
 def imagenet30_resnet50(weights: str | Path | None = None) -> nn.Module:
     """ImageNet-1k ResNet-50 (``weights`` as for imagenet-resnet50) restricted to ImageNet-30."""
-    from .imagenet30 import imagenet30_classifier
-
     return imagenet30_classifier(imagenet_resnet50(weights))
 
 

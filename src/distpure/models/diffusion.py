@@ -1,12 +1,5 @@
-"""Diffusion backbones: noise predictors with the schedule they were trained on.
-
-``NoisePredictor`` is what the purifier needs of any backbone; ``DiffusionModel`` is a diffusers
-``UNet2DModel`` with its scheduler, ``ScoreSDEModel`` (models/ncsnpp.py) score-SDE's NCSN++.
-``load_diffusion`` takes a registry name (the embedded default is ``cifar10-ddpm-small``), a
-local diffusers directory (layout of ``google/ddpm-cifar10-32``), a guided-diffusion (ADM)
-checkpoint file (``.pt`` or ``.safetensors``), a score-SDE checkpoint (``checkpoint_8.pth``,
-or a file or directory with an NCSN++ config), or a hub id for online users.
-"""
+"""diffusers UNets as noise predictors: ``DiffusionModel`` (a ``UNet2DModel`` with its
+scheduler, converted to ε), the standard schedule and the compact UNet of the embedded default."""
 from __future__ import annotations
 
 import math
@@ -16,73 +9,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
-from ..registry import Registry, build_from_spec, is_callable_spec
-from ..sampling.sde import VPSDE
+from .noise_predictor import NoisePredictor
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-# Single-file guided-diffusion (ADM) checkpoints; flags come from a config JSON beside the file.
-ADM_SUFFIXES = (".pt", ".safetensors")
 # What a diffusers scheduler's ``prediction_type`` may say the UNet predicts.
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-DIFFUSION_MODELS: Registry["NoisePredictor"] = Registry("diffusion model")
-
-
-class NoisePredictor(nn.Module):
-    """A network predicting the noise ε in x_t, with the discrete schedule β_0 ... β_{N-1} it was
-    trained on: what the purifier's samplers need of a diffusion backbone.
-
-    ``forward(x_t, t)`` takes time labels on the step scale: integer steps 0 ... N-1 for the
-    DDPM/DDIM samplers; for the SDE sampler, ``sde_time_label(t)`` of a continuous time t.
-    """
-
-    def __init__(self, betas: torch.Tensor) -> None:
-        super().__init__()
-        # float64: the float32 cumulative product drifts by ~1e-4 in log-variance at small t.
-        # β stays a plain CPU attribute (``.to(dtype)`` does not round it); ᾱ follows the device.
-        self.betas = betas.detach().double().cpu()
-        alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
-        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return len(self.betas)
-
-    @property
-    def sde(self) -> VPSDE:
-        """The continuous VP-SDE this schedule discretises (for the sde sampler; linear β only)."""
-        return VPSDE.from_betas(self.betas)
-
-    def sde_time_label(self, t: float) -> int | float:
-        """The label the network is called with at continuous time t ∈ (0, 1] of the SDE
-        sampler. A network trained on discrete steps gets the step ⌊N·t⌋, as DiffPure calls
-        guided-diffusion's UNet (``RevVPSDE._scale_timesteps``); the 1e-6 absorbs the float64
-        drift of t* − k·dt below a whole step."""
-        return math.floor(t * self.num_train_timesteps + 1e-6)
-
-    @property
-    def image_channels(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def sample_size(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def learned_variance(self) -> bool:
-        """Whether outputs carry ADM's learned variance after the ε channels."""
-        return False
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Raw network output for noisy images in [-1, 1] at time labels ``t`` (shape N)."""
-        raise NotImplementedError
-
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The ε prediction (first ``image_channels`` output channels)."""
-        return self(x_t, t)[:, : self.image_channels]
-
-    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write the model to ``directory`` in a layout ``load_diffusion`` reads back."""
-        raise NotImplementedError
 
 
 class DiffusionModel(NoisePredictor):
@@ -203,56 +133,3 @@ def small_unet(sample_size: int = 32, channels: tuple[int, ...] = (64, 128, 256)
                        block_out_channels=tuple(channels), layers_per_block=layers_per_block,
                        down_block_types=tuple(down), up_block_types=tuple(up),
                        add_attention=attention, norm_num_groups=math.gcd(32, *channels))
-
-
-@DIFFUSION_MODELS.register("cifar10-ddpm-small")
-def cifar10_ddpm_small() -> DiffusionModel:
-    """The embedded default: a 10 M-parameter DDPM trained by ``distpure train-diffusion``."""
-    directory = WEIGHTS_DIR / "cifar10-ddpm-small"
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"the embedded diffusion model is missing from {directory}; "
-                                "reinstall distpure or train one with `distpure train-diffusion`")
-    return DiffusionModel.from_pretrained(directory)
-
-
-def load_diffusion(name_or_path: str | Path) -> NoisePredictor:
-    """A diffusion model by registry name, local directory / checkpoint file, hub id, or
-    ``package.module:callable`` (your function returning a ``NoisePredictor``)."""
-    from .ncsnpp import is_score_sde, load_score_sde
-
-    name = str(name_or_path)
-    if name in DIFFUSION_MODELS:
-        return DIFFUSION_MODELS.build(name)
-    if is_callable_spec(name):
-        return build_from_spec(name, NoisePredictor, "diffusion model")
-    path = Path(name).expanduser()
-    if is_score_sde(path):
-        return load_score_sde(path)
-    if path.is_dir():
-        return DiffusionModel.from_pretrained(path)
-    if path.is_file() and path.suffix in ADM_SUFFIXES:
-        from .adm import load_adm_checkpoint
-
-        return load_adm_checkpoint(path)
-    if path.exists():
-        raise ValueError(f"{path}: expected a diffusers directory or a guided-diffusion "
-                         ".pt / .safetensors file, or a score-SDE .pth checkpoint")
-    return _from_hub(name)
-
-
-def _from_hub(repo_id: str) -> DiffusionModel:
-    """Download a diffusers repository (e.g. ``google/ddpm-cifar10-32``) and load it."""
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise FileNotFoundError(
-            f"{repo_id!r} is neither a registered model ({', '.join(DIFFUSION_MODELS.names())}), "
-            "an existing local path, a package.module:callable, nor a hub id of the form 'owner/name'")
-    from huggingface_hub import snapshot_download
-
-    try:
-        directory = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
-    except Exception as error:  # network and hub errors come in many types
-        raise FileNotFoundError(
-            f"could not download {repo_id!r} from the model hub ({type(error).__name__}). "
-            f"If you are offline, download it elsewhere and pass the local directory instead, "
-            f"e.g. load_diffusion('/path/to/{repo_id.split('/')[-1]}')") from error
-    return DiffusionModel.from_pretrained(directory)

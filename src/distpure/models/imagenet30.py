@@ -4,9 +4,11 @@ ImageNet-1k class indices follow the standard order (sorted wnids), as torchvisi
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
 from torch import nn
 
-from .classifiers import ClassSubset
 
 # class folder name -> (wnid, ImageNet-1k class index)
 IMAGENET30_CLASSES: dict[str, tuple[str, int]] = {
@@ -41,6 +43,18 @@ IMAGENET30_CLASSES: dict[str, tuple[str, int]] = {
     "toaster": ("n04442312", 859),
     "volcano": ("n09472597", 980),
 }
+
+
+class ClassSubset(nn.Module):
+    """Keeps only some output logits, e.g. an ImageNet-1k classifier restricted to ImageNet-30."""
+
+    def __init__(self, network: nn.Module, class_indices: Sequence[int]) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("class_indices", torch.tensor(list(class_indices), dtype=torch.long))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images).index_select(1, self.class_indices)
 
 
 def imagenet30_indices() -> list[int]:

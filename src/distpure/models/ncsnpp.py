@@ -27,7 +27,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from ..sampling.sde import VPSDE
-from .diffusion import NoisePredictor
+from .noise_predictor import NoisePredictor
 from .weights import load_state_dict, save_state_dict, torch_load_weights_only
 
 CONFIG_FILE = "config.json"

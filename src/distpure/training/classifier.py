@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.pgd import PGDConfig, pgd
-from ..attacks.suite import parse_epsilon
+from ..attacks.base import parse_epsilon
 from ..devices import autocast
 from ..models.classifiers import CLASSIFIERS
 from ..models.weights import save_state_dict

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..devices import autocast
-from ..models.diffusion import DiffusionModel, default_scheduler, load_diffusion, small_unet
+from ..models.diffusion import DiffusionModel, default_scheduler, small_unet
+from ..models.diffusion_loader import load_diffusion
 from ..validation import check_choice
 from .batches import random_batch, training_set
 from .ema import EMA

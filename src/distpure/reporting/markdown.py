@@ -1,0 +1,84 @@
+"""Text for the report: numbers, ε, threat models, durations, defence settings and Markdown
+tables, formatted one way everywhere."""
+from __future__ import annotations
+
+from ..evaluation.config import DefenseConfig
+
+
+PURIFIER_COLUMNS = ("t_star", "num_steps", "victim_scale", "guidance")
+NORM_LABELS = {"linf": "L∞", "l2": "L2"}
+
+
+def format_number(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def grey_levels(eps: float) -> str | None:
+    """``8/255`` when ε is a whole number of grey levels (within the rounding of a threat group's
+    8 decimals), else None."""
+    levels = eps * 255
+    return f"{round(levels)}/255" if eps > 0 and abs(levels - round(levels)) < 1e-5 else None
+
+
+def format_eps(eps: float, norm: str) -> str:
+    """8/255 rather than 0.0313725 for an L∞ ε that is a whole number of grey levels."""
+    return (norm == "linf" and grey_levels(eps)) or f"{eps:g}"
+
+
+def threat_label(norm: str, eps: float, frozen: bool) -> str:
+    """A threat group as a reader names it: ``L2 128/255`` (ε in grey levels wherever it is a
+    whole number of them), ``, frozen noise`` for the deterministic white-box threat."""
+    amount = grey_levels(eps) or f"{eps:g}"
+    return f"{NORM_LABELS.get(norm, norm)} {amount}" + (", frozen noise" if frozen else "")
+
+
+def threat_model(row: dict) -> str:
+    if row["kind"] == "clean":
+        return "clean"
+    norm = NORM_LABELS.get(row["norm"], row["norm"])
+    text = f"{row['kind']} {norm} ε={format_eps(row['eps'], row['norm'])}"
+    if row["kind"] != "autoattack":
+        text += f", {plural(row['steps'], 'step')}"
+    return text + (f", EOT {row['eot']}" if row["eot"] > 1 else "")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _cell(text: object) -> str:
+    """Markdown table cell text (pipes escaped, no line breaks)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: list[str], rows: list[list[object]], align: list[str] | None = None) -> list[str]:
+    align = align or ["---"] * len(header)
+    return ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(align) + "|",
+            *("| " + " | ".join(_cell(c) for c in row) + " |" for row in rows)]
+
+
+def settings_text(settings: dict, spec: DefenseConfig) -> str:
+    if spec.kind == "purifier":
+        text = ", ".join(f"{key}={format_number(settings.get(key))}" for key in PURIFIER_COLUMNS
+                         if key in settings)
+        extra = {k: v for k, v in spec.purifier.items() if k not in PURIFIER_COLUMNS}
+        text += "".join(f", {key}={format_number(value)}" for key, value in sorted(extra.items()))
+        text += f", diffusion={spec.diffusion}" if spec.diffusion else ""
+    elif spec.kind == "preprocessing":
+        text = ", ".join(f"{key}={value}" for key, value in spec.preprocessing.items())
+    elif spec.kind == "classifier":
+        text = str(spec.classifier)
+    else:
+        text = "no defence"
+    return text + (f", votes={spec.votes}" if spec.votes > 1 else "")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} (h:mm:ss)"
