@@ -18,8 +18,9 @@ from ..attacks.base import ATTACKS
 from ..attacks.pgd import PGDConfig, eot_loss_and_gradient
 from ..attacks.suite import AttackConfig
 from ..data import default_data_root, load_cifar10
-from ..defenses.recommended import load_defense
-from ..devices import describe_hardware, hardware
+from ..defenses.recommended import RECOMMENDED, load_defense
+from ..devices import describe_hardware, hardware, resolve_device
+from .resources import synchronize
 
 # The gradients an attack can take, as attack settings (kind, and what it changes).
 GRADIENTS = {
@@ -32,12 +33,15 @@ GRADIENTS = {
 
 @dataclass
 class AttackBenchConfig:
-    """The images and draws of the measured step (8 x EOT 8: one attack batch of a CPU run)."""
+    """The images and draws of the measured step (8 x EOT 8: one attack batch of a CPU run), and
+    the defence's reverse steps (the recommended 10; fewer only to shrink a smoke run)."""
 
     images: int = 8
     eot: int = 8
     repeats: int = 2
     precision: str = "auto"
+    device: str = "auto"
+    num_steps: int = RECOMMENDED["cifar10"]["purifier"].num_steps
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -46,13 +50,15 @@ class AttackBenchConfig:
                              f"{self.repeats}")
 
 
-def fastest_seconds(work: Callable[[], object], repeats: int) -> float:
-    """The shortest wall time of ``repeats`` runs of ``work``, after one untimed warm-up."""
+def fastest_seconds(work: Callable[[], object], repeats: int, device: torch.device | str = "cpu") -> float:
+    """The shortest wall time of ``repeats`` runs of ``work`` on ``device``, after one untimed warm-up."""
     work()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         work()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -60,12 +66,14 @@ def fastest_seconds(work: Callable[[], object], repeats: int) -> float:
 def run_attack_benchmark(config: AttackBenchConfig) -> dict:
     """Seconds of a purification forward of images x draws, and of one EOT gradient step per
     gradient kind, batched and sequential, with the ratios the converged-attack issue tracks."""
-    defense = load_defense("cifar10", "victim", seed=config.seed, precision=config.precision)
+    device = resolve_device(config.device)
+    defense = load_defense("cifar10", "victim", device=device, seed=config.seed, precision=config.precision,
+                           num_steps=config.num_steps)
     data = load_cifar10(default_data_root() / "cifar10-jpeg", "test", n=config.images, seed=config.seed)
-    images, labels = data.images, data.labels
+    images, labels = data.images.to(device), data.labels.to(device)
     with torch.no_grad():
-        forward = fastest_seconds(lambda: defense(images.repeat(config.eot, 1, 1, 1)), config.repeats)
-    result = {"hardware": hardware("cpu", config.precision), "config": asdict(config),
+        forward = fastest_seconds(lambda: defense(images.repeat(config.eot, 1, 1, 1)), config.repeats, device)
+    result = {"hardware": hardware(device, config.precision), "config": asdict(config),
               "purification_forward_seconds": forward, "steps": {}}
     for name, settings in GRADIENTS.items():
         attack = ATTACKS.build(settings["kind"], config=AttackConfig(name, **settings))
@@ -74,7 +82,7 @@ def run_attack_benchmark(config: AttackBenchConfig) -> dict:
         for mode, eot_batch in (("batched", config.eot), ("sequential", 1)):
             pgd_config = PGDConfig(eot=config.eot, eot_batch=eot_batch)
             timings[f"{mode}_seconds"] = fastest_seconds(
-                lambda: eot_loss_and_gradient(model, images, labels, pgd_config), config.repeats)
+                lambda: eot_loss_and_gradient(model, images, labels, pgd_config), config.repeats, device)
         timings["batching_speedup"] = timings["sequential_seconds"] / timings["batched_seconds"]
         timings["step_vs_forward"] = min(timings["batched_seconds"], timings["sequential_seconds"]) / forward
         result["steps"][name] = timings

@@ -1,4 +1,5 @@
-"""Wall time and resident-memory growth of one piece of work (Linux /proc; None elsewhere)."""
+"""Wall time and peak-memory growth of one piece of work: the resident set on a CPU (Linux /proc;
+None elsewhere), ``torch.cuda.max_memory_allocated`` on a GPU."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,8 @@ import re
 import time
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 STATUS = Path("/proc/self/status")
 
@@ -30,11 +33,27 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure(run: Callable[[], object]) -> tuple[float, float | None]:
-    """(wall seconds, resident-set growth in MiB or None) of one call of ``run``."""
-    before = status_kib("VmRSS") if _reset_peak_rss() else None
+def synchronize(device: torch.device | str) -> None:
+    """Wait for ``device``'s queued kernels, so that a wall time covers them (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(run: Callable[[], object], device: torch.device | str = "cpu") -> tuple[float, float | None]:
+    """(wall seconds, peak-memory growth in MiB or None) of one call of ``run``: growth of the
+    resident set on a CPU, of the allocated CUDA memory on a GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = status_kib("VmRSS") * 1024 if _reset_peak_rss() else None
     start = time.perf_counter()
     run()
+    synchronize(device)
     seconds = time.perf_counter() - start
-    peak = status_kib("VmHWM")
-    return seconds, None if before is None or peak is None else (peak - before) / 1024
+    peak_kib = status_kib("VmHWM")
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else None if peak_kib is None else peak_kib * 1024)
+    return seconds, None if before is None or peak is None else (peak - before) / 2**20

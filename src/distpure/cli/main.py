@@ -262,6 +262,37 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_flops_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+    parser.add_argument("--utilisation", type=float, default=None,
+                        help="assumed fraction of the GPUs' bf16 peak (default 0.4)")
+
+
+@command("bench-flops", "FLOPs of the full NCSN++ and a WRN-28-10, and the GPU-hours of DiffPure's "
+         "honest evaluation and of certification (docs/gpu-cost.md)", _bench_flops_arguments)
+def _bench_flops(args: argparse.Namespace) -> int:
+    import json
+
+    from ..benchmarks.real_cost import format_real_cost, real_setting_cost
+
+    result = real_setting_cost(args.utilisation)
+    print(json.dumps(result, indent=2) if args.json else format_real_cost(result))
+    return 0
+
+
+@command("bench-score-sde", "one VP-SDE purification and one exact checkpointed gradient of the "
+         "full score-SDE NCSN++ (random weights) into a WRN-28-10", _bench_arguments)
+def _bench_score_sde(args: argparse.Namespace) -> int:
+    import json
+
+    from ..benchmarks.score_sde_cost import (ScoreSDEBenchConfig, format_score_sde_benchmark,
+                                             run_score_sde_benchmark)
+
+    result = run_score_sde_benchmark(from_dict(ScoreSDEBenchConfig, parse_overrides(args.set)))
+    print(json.dumps(result, indent=2) if args.json else format_score_sde_benchmark(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distpure", description="Diffusion purification guided by the protected classifier.")
