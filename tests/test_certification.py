@@ -242,6 +242,19 @@ def test_reverse_denoisers_start_at_sigmas_step_without_forward_noise(tiny_diffu
         build_base_classifier(tiny_victim, tiny_diffusion, "multistep", sigma, steps=80)
 
 
+def test_reverse_from_is_the_purifiers_own_reverse_process(tiny_diffusion, tiny_images):
+    """The purifier split into forward diffusion and ``reverse_from``: together they purify as before."""
+    from distpure.defenses.purifier import Purifier, PurifierConfig
+    from distpure.sampling.schedule import forward_diffuse
+
+    purifier = Purifier(tiny_diffusion, PurifierConfig(t_star=40, num_steps=3, guidance="none"))
+    noise = purifier.draw_noise(tiny_images.shape, torch.Generator().manual_seed(0))
+    x_input = tiny_images * 2 - 1
+    x_t = forward_diffuse(x_input, tiny_diffusion.alphas_cumprod[40], noise.forward)
+    with torch.no_grad():
+        torch.testing.assert_close(purifier.reverse_from(x_t, x_input, noise), purifier(tiny_images, noise))
+
+
 # ----------------------------------------------------------------------------- config
 
 def _config(tmp_path: Path, **changes) -> Path:
