@@ -431,3 +431,21 @@ def test_a_resume_with_other_settings_is_refused(run_assets, tmp_path):
     grown = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25}],
                         description="a new description")
     run_certification(grown, tmp_path / "run", show_progress=False)  # presentation may change
+
+
+def test_the_cli_certifies_and_summarises_a_run(run_assets, tmp_path, capsys):
+    from distpure.cli.main import main
+
+    config = _run_config(run_assets, tmp_path, settings=[{"name": "one-shot", "denoiser": "one-shot", "sigma": 0.12}])
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load((tmp_path / "config0.yaml").read_text())}))
+    assert config.settings[0].name == "one-shot"
+    assert main(["certify", str(path), "--out", str(tmp_path / "cli")]) == 0
+    printed = capsys.readouterr().out
+    assert "one-shot" in printed and "r=0.1" in printed and "6/6" in printed
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["settings"]["one-shot"]["images"] == 6
+    assert main(["certify", str(path), "--out", str(tmp_path / "cli"), "--summary"]) == 0
+    assert "one-shot" in capsys.readouterr().out
+    assert main(["certify", str(path), "--out", str(tmp_path / "cli"), "--set", "alpha=2"]) == 2
+    assert "alpha must lie in (0, 1), got 2" in capsys.readouterr().err
