@@ -56,7 +56,8 @@ def test_statistics_reproduce_the_reference_implementation():
 def test_largest_certifiable_radius_is_all_draws_right():
     # all n right: the Clopper-Pearson lower bound is alpha^(1/n)
     assert max_certifiable_radius(1000, 0.001, 0.25) == pytest.approx(0.25 * norm.ppf(0.001 ** (1 / 1000)))
-    assert certify_counts(1000, 1000, 0.001, 0.25).radius == pytest.approx(max_certifiable_radius(1000, 0.001, 0.25))
+    all_right = certify_counts(1000, 1000, 0.001, 0.25)
+    assert all_right.radius == pytest.approx(max_certifiable_radius(1000, 0.001, 0.25))
 
 
 # ----------------------------------------------------------------------------- a linear toy
@@ -214,7 +215,7 @@ def test_continuous_time_models_get_the_exact_noise_level(monkeypatch):
     assert level.timestep == 144  # the nearest grid step, where multistep samplers start
 
 
-def test_reverse_denoisers_start_at_sigmas_step_without_forward_noise(tiny_diffusion, tiny_victim):
+def test_reverse_denoisers_start_at_sigmas_step_without_forward_noise(tiny_diffusion, tiny_victim, monkeypatch):
     sigma = 0.12
     base = build_base_classifier(tiny_victim, tiny_diffusion, "multistep", sigma, steps=2)
     purifier = base.denoiser.purifier
@@ -222,14 +223,11 @@ def test_reverse_denoisers_start_at_sigmas_step_without_forward_noise(tiny_diffu
     assert purifier.timesteps == [70, 35] and base.denoiser_calls == 2
     calls = []
     original = purifier.reverse_from
-    monkeypatch_forward = pytest.MonkeyPatch()
-    monkeypatch_forward.setattr(purifier, "reverse_from", lambda x_t, x_in, noise=None: calls.append(
+    monkeypatch.setattr(purifier, "reverse_from", lambda x_t, x_in, noise=None: calls.append(
         (x_t.clone(), x_in.clone())) or original(x_t, x_in, noise))
     noisy = torch.rand(3, 3, 16, 16) + sigma * torch.randn(3, 3, 16, 16)
-    try:
-        labels = base(noisy)
-    finally:
-        monkeypatch_forward.undo()
+    labels = base(noisy)
+    monkeypatch.undo()
     assert labels.shape == (3,)
     x_t, x_input = calls[0]
     torch.testing.assert_close(x_input, noisy * 2 - 1)
@@ -253,6 +251,37 @@ def test_reverse_from_is_the_purifiers_own_reverse_process(tiny_diffusion, tiny_
     x_t = forward_diffuse(x_input, tiny_diffusion.alphas_cumprod[40], noise.forward)
     with torch.no_grad():
         torch.testing.assert_close(purifier.reverse_from(x_t, x_input, noise), purifier(tiny_images, noise))
+
+
+@pytest.mark.parametrize("model", ["score-sde", "adm"])
+def test_denoisers_run_on_score_sde_and_adm_models(model, tiny_victim):
+    """σ maps to the exact continuous time on a score-SDE model and to the nearest step on ADM
+    (learned variance: only its ε channels are used); both denoise and classify draws."""
+    from distpure.models.diffusion import load_diffusion
+
+    if model == "score-sde":
+        require_shared_path("fixtures/score-sde/ncsnpp_tiny_config.json")
+        from distpure.models.ncsnpp import load_score_sde
+
+        diffusion = load_score_sde(require_shared_path("fixtures/score-sde/ncsnpp_tiny_checkpoint.pth"),
+                                   require_shared_path("fixtures/score-sde/ncsnpp_tiny_config.json"))
+    else:
+        require_shared_path("fixtures/adm/adm_tiny_256_config.json")
+        diffusion = load_diffusion(require_shared_path("fixtures/adm/adm_tiny_256.safetensors"))
+    level = noise_level(diffusion, 0.25)
+    assert level.continuous == (model == "score-sde")
+    if model == "score-sde":
+        assert level.model_noise == pytest.approx(0.5, rel=1e-9)
+        assert isinstance(level.label, float)
+    else:
+        assert diffusion.learned_variance and abs(level.model_noise - 0.5) < 0.01
+    size = diffusion.sample_size
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
+    for kind in ("one-shot", "multistep"):
+        base = build_base_classifier(tiny_victim, diffusion, kind, 0.25, steps=1)
+        smoothed = SmoothedClassifier(base, num_classes=10, sigma=0.25, batch_size=2)
+        counts, drawn = smoothed.class_counts(image, 2, torch.Generator().manual_seed(1))
+        assert drawn == 2 and int(counts.sum()) == 2
 
 
 # ----------------------------------------------------------------------------- config
@@ -356,16 +385,21 @@ def run_assets(tmp_path_factory):
     sys.modules.pop(PLUGIN, None)
 
 
-def _run_config(assets, tmp_path: Path, **changes):
-    values = {"name": "tiny-certify", "data": {"dataset": "cifar10", "root": str(assets.root / "data"), "limit": None},
+def _run_values(assets, **changes) -> dict:
+    values = {"name": "tiny-certify",
+              "data": {"dataset": "cifar10", "root": str(assets.root / "data"), "limit": None},
               "models": {"victim": f"{PLUGIN}:tiny_victim", "diffusion": str(assets.root / "diffusion")},
               "n0": 4, "n": 40, "alpha": 0.1, "batch_size": 16, "radii": [0.0, 0.1], "device": "cpu",
               "settings": [{"name": "multistep", "denoiser": "multistep", "sigma": 0.12, "steps": 2, "limit": 4},
                            {"name": "one-shot", "denoiser": "one-shot", "sigma": 0.12},
                            {"name": "none", "denoiser": "none", "sigma": 0.25}]}
     values.update(changes)
+    return values
+
+
+def _run_config(assets, tmp_path: Path, **changes):
     path = tmp_path / f"config{len(list(tmp_path.glob('config*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(values))
+    path.write_text(yaml.safe_dump(_run_values(assets, **changes)))
     return load_certify_config(path)
 
 
@@ -436,10 +470,9 @@ def test_a_resume_with_other_settings_is_refused(run_assets, tmp_path):
 def test_the_cli_certifies_and_summarises_a_run(run_assets, tmp_path, capsys):
     from distpure.cli.main import main
 
-    config = _run_config(run_assets, tmp_path, settings=[{"name": "one-shot", "denoiser": "one-shot", "sigma": 0.12}])
     path = tmp_path / "cli.yaml"
-    path.write_text(yaml.safe_dump({**yaml.safe_load((tmp_path / "config0.yaml").read_text())}))
-    assert config.settings[0].name == "one-shot"
+    path.write_text(yaml.safe_dump(_run_values(run_assets, settings=[
+        {"name": "one-shot", "denoiser": "one-shot", "sigma": 0.12}])))
     assert main(["certify", str(path), "--out", str(tmp_path / "cli")]) == 0
     printed = capsys.readouterr().out
     assert "one-shot" in printed and "r=0.1" in printed and "6/6" in printed

@@ -135,6 +135,7 @@ def certify_sample(config: CertifyConfig, setting: SettingConfig, base: Denoised
     return {"index": index, "dataset_index": dataset_index, "setting": setting.name, "sigma": setting.sigma,
             "label": label, "predicted": result.predicted, "selection_counts": result.selection_counts,
             "n0": result.n0, "n": result.n, "count": result.count, "drawn": result.drawn,
+            "estimation_counts": result.estimation_counts,
             "p_lower": result.p_lower, "radius": result.radius, "abstained": result.abstained,
             "skipped": result.skipped, "curtailed": result.curtailed,
             "correct": result.predicted == label and not result.abstained,

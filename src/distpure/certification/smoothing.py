@@ -20,10 +20,6 @@ import torch
 from ..seeding import derive_seed
 from .statistics import certify_counts, decided, predict_p_value
 
-#: stop drawing when this says the outcome is settled: (hits of the selected class, draws made)
-StopRule = Callable[[int, int], bool]
-
-
 class BaseClassifier(Protocol):
     """What smoothing needs of a base classifier: noisy images (N x C x H x W, pixel units) to
     labels (N); ``denoiser_calls`` per draw (0 without a denoiser) and ``reseed`` for any noise
@@ -35,7 +31,8 @@ class BaseClassifier(Protocol):
 @dataclass
 class CertifyResult:
     """One sample's CERTIFY. ``predicted`` is the class the n0 selection draws pick (always
-    recorded); ``count`` of ``drawn`` estimation draws (of the ``n`` asked for) landed on it.
+    recorded); ``count`` of ``drawn`` estimation draws (of the ``n`` asked for) landed on it
+    (``estimation_counts``: every class's).
     ``skipped``: the selection picked a class other than the label, so no estimation draws were
     made (such a sample is never certified-correct; ``count`` is None). ``curtailed``: drawing
     stopped early once the outcome at every reported radius was decided; then ``p_lower`` and
@@ -53,6 +50,7 @@ class CertifyResult:
     abstained: bool
     skipped: bool = False
     curtailed: bool = False
+    estimation_counts: list[int] | None = None
     denoiser_calls: int = 0
 
     def as_dict(self) -> dict:
@@ -111,7 +109,7 @@ class SmoothedClassifier:
             with torch.no_grad():
                 labels = torch.as_tensor(self.base(image.unsqueeze(0) + noise.to(device, image.dtype)))
             labels = labels.reshape(-1).long().cpu()
-            if len(labels) != size or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes):
+            if len(labels) != size or not (0 <= int(labels.min()) and int(labels.max()) < self.num_classes):
                 raise ValueError(f"the base classifier must return {size} labels in [0, {self.num_classes}), "
                                  f"got {labels.tolist()[:8]}...")
             counts += torch.bincount(labels, minlength=self.num_classes)
@@ -161,7 +159,8 @@ class SmoothedClassifier:
         certificate = certify_counts(count, n, alpha, self.sigma)
         return CertifyResult(**common, count=count, drawn=drawn, p_lower=certificate.p_lower,
                              radius=certificate.radius, abstained=certificate.abstain,
-                             curtailed=drawn < n, denoiser_calls=calls + self.denoiser_calls_per_draw * drawn)
+                             curtailed=drawn < n, estimation_counts=counts.tolist(),
+                             denoiser_calls=calls + self.denoiser_calls_per_draw * drawn)
 
     def predict(self, image: torch.Tensor, n: int, alpha: float, seed: int) -> PredictResult:
         """PREDICT: the most frequent class of ``n`` draws, returned only when the two-sided
