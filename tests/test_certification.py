@@ -465,6 +465,12 @@ def test_a_resume_with_other_settings_is_refused(run_assets, tmp_path):
     grown = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25}],
                         description="a new description")
     run_certification(grown, tmp_path / "run", show_progress=False)  # presentation may change
+    before = _without_time(certify_records(RunDirectory(tmp_path / "run")))
+    appended = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25},
+                                                           {"name": "wider", "denoiser": "none", "sigma": 0.5}])
+    run_certification(appended, tmp_path / "run", show_progress=False)  # a setting may be appended
+    after = _without_time(certify_records(RunDirectory(tmp_path / "run")))
+    assert [r for r in after if r["setting"] == "none"] == before and len(after) == 2 * len(before)
 
 
 def test_the_cli_certifies_and_summarises_a_run(run_assets, tmp_path, capsys):

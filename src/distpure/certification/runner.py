@@ -178,9 +178,9 @@ def resolved_settings(config: CertifyConfig, bases: dict[str, DenoisedClassifier
 
 def claim_certify_dir(files: RunDirectory, config: CertifyConfig, resolved: dict) -> None:
     """Create the run directory, or check before resuming that it holds this same run: the
-    config as written (image limits and the description may change: the records of an image
-    do not depend on them) and as resolved, with the same distpure version; else refuse, naming
-    what differs."""
+    config as written (image limits and the description may change, and settings may be added:
+    no record depends on them) and as resolved, with the same distpure version; else refuse,
+    naming what differs."""
     files.root.mkdir(parents=True, exist_ok=True)
     if files.config.is_file():
         try:
@@ -188,14 +188,18 @@ def claim_certify_dir(files: RunDirectory, config: CertifyConfig, resolved: dict
         except ValueError as error:
             raise ValueError(f"{files.root} holds a certification run this version cannot read ({error}); "
                              "use another --out directory") from error
-        changed = differences(_record_fields(stored), _record_fields(config))
+        before, now = _record_fields(stored), _record_fields(config)
+        now["settings"] = {k: v for k, v in now["settings"].items() if k in before["settings"]}  # appended: new
+        changed = differences(before, now)
         if changed:
             raise ValueError(f"{files.root} holds a different certification run ({'; '.join(changed[:8])}); "
                              "use another --out directory or delete it")
     if files.resolved.is_file():
         stored = json.loads(files.resolved.read_text())
+        current = dict(resolved["settings"])
+        current["settings"] = {k: v for k, v in current["settings"].items() if k in stored["settings"]["settings"]}
         changed = differences({"distpure": stored.get("distpure"), **stored["settings"]},
-                              {"distpure": resolved["distpure"], **resolved["settings"]})
+                              {"distpure": resolved["distpure"], **current})
         if changed:
             raise ValueError(f"{files.root} was run with other resolved settings or another distpure "
                              f"version ({'; '.join(changed[:8])}); resuming would mix two runs in one "
