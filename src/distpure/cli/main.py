@@ -93,6 +93,37 @@ def _evaluate(args: argparse.Namespace) -> int:
     return _run_and_print(config, args.out or f"runs/{config.name}", args.new_resumption)
 
 
+def _certify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="certification YAML (see configs/cifar10-certify.yaml)")
+    parser.add_argument("--out", help="run directory (default: runs/<name>)")
+    parser.add_argument("--summary", action="store_true",
+                        help="only print the summary of the records the run directory holds (a stopped run too)")
+    _overrides_argument(parser)
+
+
+@command("certify", "certified L2 accuracy by (diffusion) denoised smoothing; resumable; torchrun-shardable",
+         _certify_arguments)
+def _certify(args: argparse.Namespace) -> int:
+    from ..certification.config import load_certify_config
+    from ..certification.runner import run_certification, summarize_run
+    from ..certification.summary import format_summary
+    from ..devices import describe_hardware
+    from ..evaluation.rundir import RunDirectory
+
+    config = load_certify_config(args.config, parse_overrides(args.set))
+    out = args.out or f"runs/{config.name}"
+    if args.summary:
+        print(format_summary(summarize_run(config, RunDirectory(out)), config.report_radii))
+        return 0
+    summary = run_certification(config, out)
+    if summary:
+        print("certified accuracy (%) at L2 radius r (pixel units in [0, 1])")
+        print(format_summary(summary["settings"], config.report_radii))
+        print(describe_hardware(summary["hardware"]))
+        print(f"\nrun directory: {out}")
+    return 0
+
+
 def _run_and_print(config, out: str, new_resumption: bool = False, heading: str = "") -> int:
     """Run (or resume) ``config`` in ``out`` and print its table, under ``heading`` if given."""
     from ..devices import describe_hardware

@@ -253,6 +253,26 @@ class Purifier(nn.Module):
         # DiffPure diffuses its SDE's start with the ᾱ of t* discrete steps, ᾱ[t* - 1]
         start = self.t_star - 1 if self.sde is not None else self.t_star
         x = forward_diffuse(x_input, alphas_cumprod[start], noise.forward.to(device))
+        return self._reverse(x, x_input, noise, states)
+
+    def reverse_from(self, x_t: torch.Tensor, x_input: torch.Tensor,
+                     noise: PurificationNoise | None = None) -> torch.Tensor:
+        """The reverse process alone, from ``x_t`` (in [-1, 1] model units, at the noise level of
+        the first timestep, t*) to an image in [0, 1], without diffusing forward: for inputs
+        that already carry their noise (denoised smoothing, ``certification.denoisers``).
+        ``x_input`` is the (noisy) input in [-1, 1] that guidance may compare with. The DDPM/DDIM
+        sampler only (the SDE sampler's start time is not an integer step)."""
+        if self.sde is not None:
+            raise ValueError("reverse_from runs the ddpm sampler only, not sampler 'sde'")
+        if noise is None:
+            noise = self.draw_noise(x_t.shape, self.noise_generator)
+        return self._reverse(x_t, x_input, noise)
+
+    def _reverse(self, x: torch.Tensor, x_input: torch.Tensor, noise: PurificationNoise,
+                 states: list[list[ReverseState]] | None = None) -> torch.Tensor:
+        """The reverse steps from x at t* (in [-1, 1]) to an image in [0, 1]."""
+        device = x.device
+        alphas_cumprod = self.diffusion.alphas_cumprod.to(device)
         recorded = [] if self._trajectories is not None and states is not None else None
         for index, (step, reached) in enumerate(zip(self._steps(alphas_cumprod), self._reached(alphas_cumprod))):
             progress = index / max(1, len(self.timesteps) - 1)
