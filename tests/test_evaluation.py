@@ -214,7 +214,8 @@ def test_summary_rows_in_config_order():
     records += [{"index": 0, "defense": "unconfigured", "attack": "pgd", "correct": True}]
     rows = summarize(records, config)["rows"]
     assert [(r["defense"], r["attack"]) for r in rows] == [
-        ("a", "clean"), ("a", "pgd"), ("b", "clean"), ("b", "pgd"), ("a", "worst-case"), ("b", "worst-case")]
+        ("a", "clean"), ("a", "pgd"), ("b", "clean"), ("b", "pgd"), ("a", "worst-case"), ("a", "resubmission"),
+        ("b", "worst-case"), ("b", "resubmission")]
     by_pair = {(r["defense"], r["attack"]): r for r in rows}
     assert by_pair["a", "clean"]["correct"] == 3 and by_pair["a", "clean"]["total"] == 4
     assert by_pair["a", "clean"]["accuracy"] == 0.75
@@ -269,6 +270,69 @@ def _drawn(index: int, attack: str, predictions: list[int], **extra) -> dict:
     return {"index": index, "defense": "d", "attack": attack, "label": 1, "predictions": predictions, **extra}
 
 
+def test_the_worst_case_picks_on_selection_draws_and_scores_on_others():
+    """An attacker who picks per sample among candidates of equal true accuracy gains nothing:
+    picked on selection draws of their own, the estimate is unbiased; picked on the scoring draws
+    themselves (the rule before 0.3) it is biased low."""
+    import random
+
+    rng = random.Random(0)
+    config = ExperimentConfig(defenses=[DefenseConfig("d", kind="none")],
+                              attacks=[AttackConfig("clean", kind="clean"), AttackConfig("a"), AttackConfig("b"),
+                                       AttackConfig("c")], evaluation={"draws": 4, "selection_draws": 4})
+    truth = {"clean": 0.9, "a": 0.5, "b": 0.5, "c": 0.5}  # the attacks are equally strong
+    draw = lambda p: [1 if rng.random() < p else 0 for _ in range(4)]  # noqa: E731
+    records = [_drawn(i, name, draw(p), selection_predictions=draw(p))
+               for i in range(3000) for name, p in truth.items()]
+    worst = next(r for r in summarize(records, config)["rows"] if r["attack"] == "worst-case")
+    assert worst["expected_accuracy"] == pytest.approx(0.5, abs=0.02)
+    scored_on_themselves = sum(min(sum(r["predictions"]) for r in records[4 * i:4 * i + 4]) / 4
+                               for i in range(3000)) / 3000
+    assert scored_on_themselves < 0.4
+
+
+def test_a_cascaded_worst_case_equals_the_uncascaded_one():
+    """Skipping the samples an earlier attack broke in every selection draw changes no pick: the
+    skipped candidates copy the breaking record, and ties at zero go to the earliest."""
+    import random
+
+    rng = random.Random(1)
+    attacks = [AttackConfig("clean", kind="clean"), AttackConfig("transfer", kind="transfer"),
+               AttackConfig("pgd"), AttackConfig("pgd-long")]
+    draw = lambda p: [1 if rng.random() < p else 0 for _ in range(3)]  # noqa: E731
+    plain = {(i, "d", a.name): _drawn(i, a.name, draw(p), selection_predictions=draw(p))
+             for i in range(400) for a, p in zip(attacks, (0.8, 0.4, 0.2, 0.1))}
+    cascaded_config = ExperimentConfig(defenses=[DefenseConfig("d", kind="none")], attacks=attacks,
+                                       evaluation={"draws": 3, "selection_draws": 3, "cascade": True})
+    cascaded: dict = {}
+    for i in range(400):
+        for attack in attacks:
+            breaking = breaking_record(cascaded_config, "d", attack, i, cascaded)
+            key = (i, "d", attack.name)
+            cascaded[key] = plain[key] if breaking is None else skipped_record(breaking, attack.name)
+    assert any("skipped_by" in r for r in cascaded.values())
+    plain_config = ExperimentConfig(defenses=cascaded_config.defenses, attacks=attacks,
+                                    evaluation={"draws": 3, "selection_draws": 3})
+    rows = [{r["attack"]: r for r in summarize(list(records.values()), c)["rows"]}["worst-case"]
+            for records, c in ((plain, plain_config), (cascaded, cascaded_config))]
+    for scoring in ("expected", "worst", "majority"):
+        assert rows[0][f"{scoring}_accuracy"] == rows[1][f"{scoring}_accuracy"]
+
+
+def test_a_stale_cascade_skip_is_refused():
+    """A skipped record whose breaking record is gone, or no longer breaks the sample, is refused."""
+    attacks = [AttackConfig("clean", kind="clean"), AttackConfig("pgd")]
+    config = ExperimentConfig(defenses=[DefenseConfig("d", kind="none")], attacks=attacks,
+                              evaluation={"draws": 2, "selection_draws": 2, "cascade": True})
+    clean = _drawn(0, "clean", [0, 0], selection_predictions=[0, 0])
+    skipped = skipped_record(clean, "pgd")
+    assert summarize([clean, skipped], config)["rows"]
+    with pytest.raises(ValueError, match="whose record is missing"):
+        summarize([skipped], config)
+    with pytest.raises(ValueError, match="no longer breaks"):
+        summarize([{**clean, "selection_predictions": [1, 0]}, skipped], config)
+
+
 def test_three_scorings_of_scoring_draws():
     """Expected = mean fraction of right draws; worst-of-R = right in every draw; majority-of-R =
     the most predicted class is right (a tie is wrong); an attack's broken verdict is wrong."""
@@ -288,9 +352,12 @@ def test_three_scorings_of_scoring_draws():
     assert clean["accuracy"] == clean["expected_accuracy"]
     assert clean["expected_ci_low"] < clean["expected_accuracy"] < clean["expected_ci_high"]
     assert rows["pgd"]["worst_accuracy"] == 0.75 and rows["pgd"]["expected_accuracy"] == 0.75
-    worst = rows["worst-case"]  # per sample the lowest fraction over clean and pgd
-    assert worst["expected_accuracy"] == pytest.approx((1 + 0.75 + 0.5 + 0) / 4)
-    assert worst["worst_accuracy"] == 0.25 and worst["majority_accuracy"] == 0.5
+    # records without selection draws: the first half of the draws picks, the second half scores
+    worst = rows["worst-case"]  # picks: pgd (tie above 0 -> later), pgd, pgd, clean (tie at 0 -> earlier)
+    assert worst["expected_accuracy"] == pytest.approx((1 + 1 + 1 + 1) / 4)
+    assert worst["draws"] == 2 and worst["selection_draws"] == 2
+    resubmission = rows["resubmission"]  # right in every draw of clean and pgd: sample 0 only
+    assert resubmission["expected_accuracy"] == 0.25 and resubmission["worst_accuracy"] == 0.25
     headline = ExperimentConfig(defenses=config.defenses, attacks=config.attacks,
                                 evaluation={"draws": 4, "headline": "worst"})
     assert summarize(records, headline)["rows"][0]["accuracy"] == 0.25
@@ -659,8 +726,8 @@ def test_resuming_with_other_resolved_settings_is_refused(assets, config_path, r
     resolved = json.loads((run_dir / "resolved.json").read_text())
     assert resolved["settings"]["defenses"]["purified"]["purifier"]["t_star"] == 20
     assert resolved["settings"]["defenses"]["purified"]["purifier"]["victim_scale"] == 10.0
-    assert resolved["distpure"] and resolved["settings"]["evaluation"] == {"draws": DRAWS, "headline": "expected",
-                                                                     "cascade": False}
+    assert resolved["distpure"] and resolved["settings"]["evaluation"] == {"draws": DRAWS, "selection_draws": 16,
+                                                                     "headline": "expected", "cascade": False}
     from distpure.defenses import recommended
 
     changed = dict(recommended.RECOMMENDED["cifar10"], purifier=PurifierConfig(t_star=75, num_steps=10,
@@ -958,14 +1025,14 @@ def test_report_of_a_finished_run(assets, reference_run, capsys):
     assert not stale.exists()
     assert path == reference_run / "report.md"
     text = path.read_text()
-    header = "| defence | " + " | ".join(a["name"] for a in ATTACKS) + " | worst-case |"
-    assert header in text and "**worst-case**: per sample, robust only if it survives every one of clean, transfer, pgd" in text
-    assert text.index("### expected (headline)") < text.index("### worst-of-R") < text.index("### majority-of-R")
-    for defense in DEFENSES:
-        assert f"\n| {defense['name']} | " in text
+    header = "| attack | " + " | ".join(d["name"] for d in DEFENSES) + " |"
+    assert "### L∞ 8/255" in text and header in text
+    assert text.index("\n| clean | ") < text.index("\n| transfer | ") < text.index("\n| pgd | ") \
+        < text.index("\n| worst case, L∞ 8/255 | ") < text.index("\n| resubmission, L∞ 8/255 | ")
+    assert "### Worst case by the attacker's selection draws" in text
     summary = json.loads((reference_run / "summary.json").read_text())
     row = next(r for r in summary["rows"] if (r["defense"], r["attack"]) == ("purified", "clean"))
-    cell = f"{interval_text(row, 'expected')} (90)"
+    cell = " / ".join(f"{100 * row[f'{s}_accuracy']:.1f}" for s in ("expected", "worst", "majority")) + " (90)"
     assert cell in text  # the paper's number in parentheses
     assert "Partial run" not in text and "seed: 0" in text and "samples: 12" in text
 
@@ -973,12 +1040,12 @@ def test_report_of_a_finished_run(assets, reference_run, capsys):
 
     with open(reference_run / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == len(DEFENSES) * (len(ATTACKS) + 1)  # + the worst case over clean, transfer, pgd
-    worst = {r["defense"]: r for r in rows if r["kind"] == "worst-case"}
-    for defense in ("none", "purified"):
-        for scoring in ("expected", "worst", "majority"):
-            survived = {r["attack"]: float(r[f"{scoring}_accuracy"]) for r in rows if r["defense"] == defense}
-            assert float(worst[defense][f"{scoring}_accuracy"]) <= min(survived.values()) + 1e-9
+    assert len(rows) == len(DEFENSES) * (len(ATTACKS) + 2)  # + the worst case and the resubmission row
+    resubmission = {r["defense"]: r for r in rows if r["kind"] == "resubmission"}
+    for defense in ("none", "purified"):  # right in every draw of every attack: below every other row
+        survived = [float(r[f"{s}_accuracy"]) for r in rows if r["defense"] == defense
+                    for s in ("expected", "worst", "majority")]
+        assert float(resubmission[defense]["expected_accuracy"]) <= min(survived) + 1e-9
     purified = next(r for r in rows if r["defense"] == "purified" and r["attack"] == "pgd")
     assert (purified["t_star"], purified["num_steps"], purified["guidance"]) == ("20", "2", "victim")
     assert float(purified["accuracy"]) == next(
@@ -1104,7 +1171,8 @@ def test_report_plots_the_swept_settings(assets, tmp_path):
         assert f"](plots/{name})" in text
         with Image.open(run_dir / "plots" / name) as image:
             assert image.format == "PNG"
-    assert "| defence | clean | pgd-4 | pgd-8 | bpda-eot-1 | bpda-eot-2 |" in text and "samples: 4" in text
+    assert "### L∞ 4/255" in text and "### L∞ 8/255" in text and "samples: 4" in text
+    assert text.index("\n| pgd-4 | ") < text.index("\n| bpda-eot-1 | ") and "\n| pgd-8 | " in text
 
 
 def test_an_attack_limited_to_some_defences_runs_and_counts_only_there():

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..attacks.suite import parse_epsilon
+from ..attacks.base import parse_epsilon
 from ..config import from_dict, load_yaml, merge
 from ..devices import check_precision
 from ..evaluation.config import DataConfig, ModelsConfig

@@ -29,7 +29,7 @@ from torch import nn
 from ..defenses.purifier import Purifier
 from ..defenses.recommended import recommended_purifier_config
 from ..devices import autocast
-from ..models.diffusion import NoisePredictor
+from ..models.noise_predictor import NoisePredictor
 from ..sampling.reverse import predict_x0
 from ..validation import check_choice
 

@@ -29,7 +29,8 @@ from ..evaluation.resolved import differences, package_version
 from ..evaluation.rundir import RunDirectory
 from ..evaluation.runner import load_experiment_data
 from ..models.classifiers import load_classifier
-from ..models.diffusion import NoisePredictor, load_diffusion
+from ..models.diffusion_loader import load_diffusion
+from ..models.noise_predictor import NoisePredictor
 from ..seeding import derive_seed
 from .config import CertifyConfig, SettingConfig
 from .denoisers import DenoisedClassifier, build_base_classifier, noise_level

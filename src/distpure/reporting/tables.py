@@ -9,7 +9,7 @@ from ..evaluation.config import ExperimentConfig
 from ..evaluation.protocol import SCORINGS, threat_group
 from ..evaluation.rundir import RunDirectory
 from ..evaluation.stats import Difference
-from ..evaluation.summary import SCORING_LABELS, interval_text, worst_cases
+from ..evaluation.summary import SCORING_LABELS, interval_text, resubmission_name, worst_cases
 from ..evaluation.timing import time_summary
 from .markdown import NORM_LABELS, duration, format_eps, format_number, settings_text, table, threat_label
 from .pareto import dominated, pareto_points
@@ -33,8 +33,12 @@ def accuracy_lines(run: Run) -> list[str]:
     lines = ["## Accuracy", "",
              f"Every example is classified by R = {config.evaluation.draws} purifications whose noise "
              "no attacker saw (deterministic defences: one; frozen-noise attacks: the attacker's own "
-             "fixed draw, the threat model they stand for), and scored three ways; the worst case is "
-             "taken per sample over the attacks of one threat group, clean included. Each cell gives "
+             "fixed draw, the threat model they stand for), and scored three ways. The worst case of a "
+             "threat group is one submission per sample: the candidate (clean or an attack's example) "
+             f"with the lowest accuracy on the attacker's own {config.evaluation.selection_draws} selection "
+             "draws (runs from before selection draws: the first half of the R draws), scored on draws "
+             "that did not pick it. The resubmission row is right in every draw of every attack (K x R "
+             "submissions). Each cell gives "
              f"{' / '.join(SCORING_LABELS[s] for s in SCORINGS)} accuracy in % over n = {run.samples} "
              f"samples (the headline is {SCORING_LABELS[config.evaluation.headline]})"
              + ("; in parentheses the accuracy reported in the paper" if paper else "")
@@ -61,7 +65,9 @@ def _threat_tables(config: ExperimentConfig) -> list[tuple[str, list[tuple[str, 
     for key, attacks in groups.items():
         label = threat_label(*key)
         rows = [(name, name) for name in clean + attacks]
-        tables.append((label, rows + ([(f"worst case, {label}", worst[key])] if key in worst else [])))
+        tables.append((label, rows + ([(f"worst case, {label}", worst[key]),
+                                       (f"resubmission, {label}", resubmission_name(worst[key]))]
+                                      if key in worst else [])))
     return tables or [("clean", [(name, name) for name in clean])]
 
 
@@ -73,6 +79,27 @@ def _accuracy_cell(row: dict) -> str:
 def _group_key(group: list[AttackConfig]) -> tuple[str, float, bool]:
     """The (norm, ε, frozen) of a worst case's group (its attacks other than clean)."""
     return threat_group(next(attack for attack in group if attack.kind != "clean"))
+
+
+def selection_lines(run: Run) -> list[str]:
+    """*Selection draws*: each worst case's expected accuracy as the attacker picks on more of
+    its own draws; a figure still falling at the right end has not settled."""
+    sweep = run.summary.get("selection_sweep") or []
+    if not sweep:
+        return []
+    counts = sorted({entry["selection_draws"] for entry in sweep})
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for entry in sweep:
+        cells.setdefault((entry["defense"], entry["column"]), {})[entry["selection_draws"]] = \
+            f"{100 * entry['accuracy']:.1f}"
+    groups = {name: threat_label(*_group_key(group)) for name, group in worst_cases(run.config).items()}
+    rows = [[defense, groups.get(column, column), *(by.get(n, "–") for n in counts)]
+            for (defense, column), by in cells.items()]
+    return ["### Worst case by the attacker's selection draws (expected %)", "",
+            "Per sample the attacker submits the candidate with the lowest accuracy on its first k "
+            "selection draws; the picked example is scored on the draws that did not pick it. More "
+            "draws make a stronger attacker; where the figure still falls at the largest k it has not "
+            "settled.", "", *table(["defence", "threat", *(f"k = {n}" for n in counts)], rows), ""]
 
 
 def glance_lines(run: Run) -> list[str]:
