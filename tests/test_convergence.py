@@ -9,8 +9,9 @@ from conftest import make_tiny_images, make_tiny_victim
 from distpure.attacks.pgd import PGDConfig, late_iteration, pgd
 from distpure.attacks.suite import AttackConfig
 from distpure.evaluation.config import DefenseConfig, ExperimentConfig
-from distpure.evaluation.convergence import (TOLERANCE, continuation_gains, continues, convergence,
+from distpure.evaluation.convergence import (TOLERANCE, Continuation, Convergence, continuation_gains, continues, convergence,
                                              convergence_summary, curves, scored_late_falls)
+from distpure.evaluation.stats import Difference
 
 
 def test_pgd_trace_records_every_iterate_and_the_final_one():
@@ -129,3 +130,20 @@ def test_continuation_gains_pair_the_same_draws_and_the_scored_measures_decide()
     summary = convergence_summary([falling_trace], records, config)
     assert summary["d/pgd"]["continued_by"] == "pgd-long" and summary["d/pgd"]["scored_samples"] == 3
     assert summary["d/pgd-long"]["late_drop"] > TOLERANCE and "scored_late_drop" not in summary["d/pgd-long"]
+
+
+@pytest.mark.parametrize("fall, status", [
+    (Difference(0.009, -0.003, 0.021, 84), "not converged"),  # the paper's L2 chain: mean below, interval above
+    (Difference(0.005, -0.005, 0.015, 40), "converged"),
+    (Difference(0.012, 0.002, 0.019, 60), "not converged"),  # mean above one point
+    (Difference(0.0, -0.01, 0.01, 12), "not judged"),  # too few samples to judge
+])
+def test_convergence_is_judged_by_mean_interval_and_samples(fall, status):
+    assert Convergence("d", "a", None, fall, None).status == status
+
+
+def test_a_continuation_that_still_gains_flags_its_start():
+    """A start whose own last quarter looks flat is not converged when its continuation gained."""
+    flat = Difference(0.0, -0.01, 0.01, 84)
+    gained = Continuation("d", "a", "a-long", Difference(0.034, 0.014, 0.054, 84))
+    assert Convergence("d", "a", None, flat, gained).status == "not converged"

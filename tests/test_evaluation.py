@@ -790,20 +790,24 @@ def test_cascade_sources_are_the_earlier_attacks_of_the_group():
     assert all(cascade_sources(config, a) == [] for a in attacks)
 
 
-def test_cascade_skips_only_what_an_earlier_attack_broke_in_every_draw():
-    """Broken = every draw wrong, whatever the headline: a sample wrong in some draws could still
-    lose expected or majority accuracy to a later attack."""
+def test_cascade_skips_only_what_an_earlier_attack_broke_in_every_selection_draw():
+    """Broken = every one of the attacker's selection draws wrong: the scoring draws decide
+    nothing (sample 3: all scoring draws wrong, one selection draw right, attacked again; sample
+    4: the reverse, skipped), and a sample wrong in some draws is attacked again."""
     attacks = [AttackConfig("clean", kind="clean"), AttackConfig("transfer", kind="transfer"), AttackConfig("pgd")]
-    records = {(0, "d", "clean"): _drawn(0, "clean", [1, 1]), (1, "d", "clean"): _drawn(1, "clean", [0, 0]),
-               (0, "d", "transfer"): _drawn(0, "transfer", [1, 0]),
-               (2, "d", "clean"): _drawn(2, "clean", [1, 1]), (2, "d", "transfer"): _drawn(2, "transfer", [1, 1])}
-    for headline, expected in (("expected", [None, "clean", None]), ("worst", [None, "clean", None])):
-        config = ExperimentConfig(defenses=[DefenseConfig("d", kind="none")], attacks=attacks,
-                                  evaluation={"cascade": True, "draws": 2, "headline": headline})
-        breaking = [breaking_record(config, "d", attacks[2], i, records) for i in range(3)]
-        assert [None if b is None else b["attack"] for b in breaking] == expected
+    drawn = lambda i, attack, selection, scoring=(1, 1): _drawn(  # noqa: E731
+        i, attack, list(scoring), selection_predictions=list(selection))
+    records = {(0, "d", "clean"): drawn(0, "clean", [1, 1]), (1, "d", "clean"): drawn(1, "clean", [0, 0]),
+               (0, "d", "transfer"): drawn(0, "transfer", [1, 0]),
+               (2, "d", "clean"): drawn(2, "clean", [1, 1]), (2, "d", "transfer"): drawn(2, "transfer", [1, 1]),
+               (3, "d", "clean"): drawn(3, "clean", [1, 0], (0, 0)),
+               (4, "d", "clean"): drawn(4, "clean", [0, 0], (1, 1))}
+    config = ExperimentConfig(defenses=[DefenseConfig("d", kind="none")], attacks=attacks,
+                              evaluation={"cascade": True, "draws": 2, "selection_draws": 2})
+    breaking = [breaking_record(config, "d", attacks[2], i, records) for i in range(5)]
+    assert [None if b is None else b["attack"] for b in breaking] == [None, "clean", None, None, "clean"]
     skipped = skipped_record(skipped_record(records[1, "d", "clean"], "transfer"), "pgd")
-    assert skipped["skipped_by"] == "clean" and skipped["attack"] == "pgd" and skipped["predictions"] == [0, 0]
+    assert skipped["skipped_by"] == "clean" and skipped["attack"] == "pgd" and skipped["predictions"] == [1, 1]
 
 
 def test_a_cascaded_run_attacks_only_unbroken_samples_and_resumes_the_same(assets, tmp_path):
@@ -1073,10 +1077,10 @@ def test_report_of_a_finished_run(assets, reference_run, capsys):
     rows_by = {(r["defense"], r["attack"]): r for r in summary["rows"]}
     glance = lambda row: " / ".join(f"{100 * row[f'{s}_accuracy']:.1f}" for s in ("expected", "worst", "majority"))
     strongest = min(("transfer", "pgd"), key=lambda a: rows_by["purified", a]["accuracy"])
-    converged = summary_json(reference_run)["convergence"].get(f"purified/{strongest}", {"converged": True})
+    status = summary_json(reference_run)["convergence"].get(f"purified/{strongest}", {}).get("status")
+    mark = {"not converged": ", **not converged**", "not judged": ", not judged"}.get(status, "")
     assert (f"| purified | {glance(rows_by['purified', 'clean'])} | {glance(rows_by['purified', 'worst-case'])} | "
-            f"{strongest} ({100 * rows_by['purified', strongest]['accuracy']:.1f})"
-            + ("" if converged["converged"] else ", **not converged**") + " |") in text
+            f"{strongest} ({100 * rows_by['purified', strongest]['accuracy']:.1f}){mark} |") in text
 
     assert "### Convergence" in text and (reference_run / "plots" / "convergence_pgd.png").is_file()
     assert main(["report", str(reference_run), "--json"]) == 0

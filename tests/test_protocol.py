@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_images
+from distpure.attacks import pgd as pgd_module
 from distpure.attacks.autoattack import run_autoattack
 from distpure.attacks.base import ATTACKS, Attack, Crafted
 from distpure.attacks.suite import AttackConfig, craft
 from distpure.defenses.defended import DefendedClassifier
 from distpure.defenses.purifier import Purifier, PurifierConfig
+from distpure.seeding import derive_seed
 from distpure.evaluation.protocol import outcome, predict_draws, scorers
 
 
@@ -87,7 +89,8 @@ def test_attacker_and_scorer_streams_differ_and_frozen_noise_is_shared(tiny_diff
     moved = AttackConfig("frozen", steps=1, frozen_noise=True, eps="4/255")
     other = craft(moved, defense, tiny_images, labels, seed=11, sample_keys=[4, 5])
     assert other.frozen_scorer.purifier.config.seed == result.frozen_scorer.purifier.config.seed
-    assert other.frozen_scorer.purifier.config.seed != 11
+    assert result.frozen_scorer.purifier.config.seed == derive_seed(11, "frozen-noise")
+    assert result.frozen_scorer.purifier.config.seed != derive_seed(11, "pgd-start")
 
 
 def test_fresh_scorers_replay_the_same_draws(tiny_diffusion, tiny_victim, tiny_images):
@@ -190,9 +193,21 @@ def test_a_surrogate_cannot_change_the_threat_model(surrogate):
         AttackConfig("s", kind="surrogate", surrogate=surrogate)
 
 
-def test_holdout_judged_attacks_run_on_a_randomized_defence(tiny_diffusion, tiny_victim, tiny_images):
+def test_holdout_judged_attacks_run_on_a_randomized_defence(tiny_diffusion, tiny_victim, tiny_images, monkeypatch):
     """``holdout_draws`` judges iterates with held-out draws of the scored defence itself."""
     defense = _defense(tiny_diffusion, tiny_victim)
     labels = torch.arange(len(tiny_images))
+    judged = []
+
+    def recording(judge, x, labels, draws):
+        judged.append((judge, draws))
+        return fooled(judge, x, labels, draws)
+
+    fooled = pgd_module._fooled
+    monkeypatch.setattr(pgd_module, "_fooled", recording)
     result = craft(AttackConfig("a", kind="pgd", steps=2, holdout_draws=2), defense, tiny_images, labels, seed=1)
     assert result.examples.shape == tiny_images.shape and len(result.trace) == 3
+    assert len(judged) == 3 and all(draws == 2 for _, draws in judged)  # the start and each step, two draws
+    seeds = {judge.purifier.config.seed for judge, _ in judged}
+    assert seeds == {derive_seed(1, "holdout")}  # the scored defence with held-out noise of its own
+    assert all(judge.purifier.config.guidance == defense.purifier.config.guidance for judge, _ in judged)
