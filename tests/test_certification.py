@@ -257,7 +257,7 @@ def test_reverse_from_is_the_purifiers_own_reverse_process(tiny_diffusion, tiny_
 def test_denoisers_run_on_score_sde_and_adm_models(model, tiny_victim):
     """σ maps to the exact continuous time on a score-SDE model and to the nearest step on ADM
     (learned variance: only its ε channels are used); both denoise and classify draws."""
-    from distpure.models.diffusion import load_diffusion
+    from distpure.models.diffusion_loader import load_diffusion
 
     if model == "score-sde":
         require_shared_path("fixtures/score-sde/ncsnpp_tiny_config.json")
