@@ -4,8 +4,8 @@ as soon as it exists, resumable at record granularity and shardable by ``torchru
 The run directory is ``evaluation.rundir``'s (config.yaml, resolved.json, results.jsonl or
 results.rank<N>.jsonl, sessions.jsonl, metadata.json, summary.json). Every record's noise is
 seeded from (seed, setting, dataset index) alone, so a resumed, reordered or sharded run writes
-the same records as a straight one. Work runs cheapest setting first (draws times denoiser
-calls per image), so a stopped run has its cheap settings complete.
+the same records as a straight one. Settings run in the order the config lists them, so the
+config's author decides which rows a stopped run has complete.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def run_certification(config: CertifyConfig, run_dir: str | Path, show_progress:
     clock = RunClock(files.metadata)
     written = {record_key(r): r for r in certify_records(files)}
     _check_indices(written.values(), data)
-    units = work_units(config, bases, len(data))
+    units = work_units(config, len(data))
     mine = [unit for position, unit in enumerate(units) if position % shard.world_size == shard.rank]
     todo = [(s, i) for s, i in mine if (s.name, i) not in written]
     writer_path = files.results if shard.world_size == 1 else files.shard_results(shard.rank)
@@ -110,15 +110,10 @@ def build_setting(config: CertifyConfig, setting: SettingConfig, victim: nn.Modu
         raise ValueError(f"setting {setting.name!r}: {error}") from error
 
 
-def work_units(config: CertifyConfig, bases: dict[str, DenoisedClassifier], images: int
-               ) -> list[tuple[SettingConfig, int]]:
-    """Every (setting, image position) to certify, cheapest setting first (estimated by draws
-    times network calls per draw, the victim counted as one), then in image order."""
-    def cost(setting: SettingConfig) -> float:
-        return (config.n0 + config.draws(setting)) * (bases[setting.name].denoiser_calls + 1)
-
-    ordered = sorted(config.settings, key=cost)  # stable: equal costs keep the config's order
-    return [(s, i) for s in ordered for i in range(config.images(s, images))]
+def work_units(config: CertifyConfig, images: int) -> list[tuple[SettingConfig, int]]:
+    """Every (setting, image position) to certify: settings in the config's order, then images
+    in the data order."""
+    return [(s, i) for s in config.settings for i in range(config.images(s, images))]
 
 
 def certify_sample(config: CertifyConfig, setting: SettingConfig, base: DenoisedClassifier,
