@@ -303,6 +303,23 @@ def _bench_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_certify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="the JSON file to write every figure to")
+    _overrides_argument(parser)
+
+
+@command("bench-certify", "draws per second of smoothing's class counting (one-shot, multistep) against the "
+         "bare denoiser + victim forward on the same batch", _bench_certify_arguments)
+def _bench_certify(args: argparse.Namespace) -> int:
+    from ..benchmarks.certify_cost import (CertifyBenchConfig, format_certify_benchmark, run_certify_benchmark,
+                                           write_benchmark)
+
+    result = run_certify_benchmark(from_dict(CertifyBenchConfig, parse_overrides(args.set)))
+    print(format_certify_benchmark(result))
+    print(f"wrote {write_benchmark(result, args.out)}")
+    return 0
+
+
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     _overrides_argument(parser)
