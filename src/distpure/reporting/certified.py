@@ -23,7 +23,7 @@ from ..certification.summary import summarize_records
 from ..devices import describe_hardware
 from ..evaluation.rundir import RunDirectory
 from ..evaluation.runner import load_experiment_data
-from .certified_plot import certified_curves, certified_plot, curve_radii, envelopes
+from .certified_plot import certified_curves, certified_plot, curve_radii
 from .empirical import HONEST_RUN, Figure, ThreatFigures, read_rows, threat_figures, threats
 from .markdown import duration, grey_levels, table
 from .report import json_ready
@@ -67,6 +67,11 @@ class CertifiedRun:
         return summarize_records(self.records, [s.name for s in self.config.settings],
                                  self.config.report_radii, self.planned)
 
+    @property
+    def hardware(self) -> dict | None:
+        """What ran it: the finished run's metadata, else the latest session's (a stopped run)."""
+        return self.metadata.get("hardware") or (self.sessions[-1] if self.sessions else {}).get("hardware")
+
     def reach(self, setting: SettingConfig) -> float:
         """The largest radius ``setting``'s n can ever certify (every draw right)."""
         return max_certifiable_radius(self.config.draws(setting), self.config.alpha, setting.sigma)
@@ -109,6 +114,7 @@ def write_certified_report(run_dir: str | Path, config: CertifyConfig | None = N
 
 
 def _plot(run: CertifiedRun, figures: list[ThreatFigures], threat: float) -> Path:
+    """certified_accuracy.png: every setting's curve, and the strongest attacks' figures at ``threat``."""
     kinds = {s.name: s.denoiser for s in run.config.settings}
     radii = curve_radii(run.records, max(run.config.report_radii))
     curves = certified_curves(run.records, list(kinds), radii)
@@ -137,8 +143,7 @@ def _finished(summary: dict) -> bool:
 
 def _run_lines(run: CertifiedRun, summary: dict) -> list[str]:
     """Title, description, a stopped run's warning and what ran where."""
-    config, latest = run.config, (run.sessions[-1] if run.sessions else {})
-    hardware = run.metadata.get("hardware") or latest.get("hardware")
+    config, latest, hardware = run.config, (run.sessions[-1] if run.sessions else {}), run.hardware
     lines = [f"# {config.name}: certified L2 accuracy", ""]
     if config.description:
         lines += [config.description.strip(), ""]
@@ -211,7 +216,7 @@ def settings_lines(run: CertifiedRun, summary: dict) -> list[str]:
         rows.append([s.name, _denoiser_text(s, resolved), f"{s.sigma:g}", _time_text(resolved.get("noise_level"),
                      s.sigma), run.config.draws(s), f"{run.reach(s):.3f}", _done(row), abstained, row["skipped"],
                      row["curtailed"], *per_image])
-    hardware = (run.metadata.get("hardware") or (run.sessions[-1] if run.sessions else {}).get("hardware"))
+    hardware = run.hardware
     where = f"on {hardware['cpu']} ({hardware['torch_threads']} threads)" if hardware else "on unrecorded hardware"
     return ["## Settings and cost", "",
             "σ is in pixel units; the noisy image times √ᾱ is a diffusion state where √((1−ᾱ)/ᾱ) = 2σ "
