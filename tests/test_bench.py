@@ -72,3 +72,33 @@ def test_attack_bench_times_every_gradient_kind_both_ways(require_shared, capsys
                                      "exact_step_at_most_3.5x_forward": exact["step_vs_forward"] <= 3.5}
     # BPDA skips the purifier's backward: its step is cheaper than the exact one's
     assert result["steps"]["bpda"]["batched_seconds"] < result["steps"]["exact-checkpointed"]["batched_seconds"]
+
+
+def test_certify_bench_writes_counting_against_the_bare_forward(tmp_path, monkeypatch, capsys):
+    """``distpure bench-certify`` on tiny models: one JSON with every field, each ratio the
+    measured counting rate over the measured bare rate."""
+    from conftest import make_tiny_diffusion, make_tiny_victim
+    from distpure.benchmarks import certify_cost
+
+    monkeypatch.setattr(certify_cost, "load_classifier", lambda name, device: make_tiny_victim())
+    monkeypatch.setattr(certify_cost, "load_diffusion", lambda name: make_tiny_diffusion())
+    out = tmp_path / "bench" / "certify.json"
+    assert main(["bench-certify", "--out", str(out), "--set", "batch_size=4", "batches=2", "repeats=2",
+                 "device=cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert {"batch_size", "draws_per_count", "precision", "threads", "cpu", "hardware", "load_average_start",
+            "load_average_end", "denoisers", "config"} <= set(result)
+    assert (result["batch_size"], result["draws_per_count"]) == (4, 8)
+    assert result["precision"] == result["hardware"]["resolved_precision"]
+    assert result["cpu"] == result["hardware"]["cpu"] and result["threads"] >= 1
+    assert len(result["load_average_start"]) == 3
+    assert set(result["denoisers"]) == {"one-shot", "multistep"}
+    for figures in result["denoisers"].values():
+        assert len(figures["counting_repeats"]) == len(figures["bare_repeats"]) == 2
+        assert figures["counting_draws_per_second"] == max(figures["counting_repeats"]) > 0
+        assert figures["bare_draws_per_second"] == max(figures["bare_repeats"]) > 0
+        assert figures["ratio"] == figures["counting_draws_per_second"] / figures["bare_draws_per_second"]
+    assert result["denoisers"]["multistep"]["denoiser_calls_per_draw"] == 2
+    assert "ratio" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="denoisers must be some of"):
+        certify_cost.CertifyBenchConfig(denoisers=("two-shot",))

@@ -485,7 +485,12 @@ def test_the_cli_certifies_and_summarises_a_run(run_assets, tmp_path, capsys):
     assert "one-shot" in printed and "r=0.1" in printed and "6/6" in printed
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert summary["settings"]["one-shot"]["images"] == 6
+    session = json.loads((tmp_path / "cli" / "sessions.jsonl").read_text().splitlines()[-1])
+    assert session["planned"] == {"one-shot": 6} and session["image_shape"] == [3, 32, 32]
+    report = tmp_path / "cli" / "report.md"
+    assert f"report: {report}" in printed and "| one-shot | 6/6 |" in report.read_text()
+    report.unlink()
     assert main(["certify", str(path), "--out", str(tmp_path / "cli"), "--summary"]) == 0
-    assert "one-shot" in capsys.readouterr().out
+    assert "one-shot" in capsys.readouterr().out and report.is_file()
     assert main(["certify", str(path), "--out", str(tmp_path / "cli"), "--set", "alpha=2"]) == 2
     assert "alpha must lie in (0, 1), got 2" in capsys.readouterr().err

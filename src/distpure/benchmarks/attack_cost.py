@@ -8,7 +8,6 @@ warm-up.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -20,7 +19,7 @@ from ..attacks.suite import AttackConfig
 from ..data import default_data_root, load_cifar10
 from ..defenses.recommended import RECOMMENDED, load_defense
 from ..devices import describe_hardware, hardware, resolve_device
-from .resources import synchronize
+from .resources import wall_seconds
 
 # The gradients an attack can take, as attack settings (kind, and what it changes).
 GRADIENTS = {
@@ -53,14 +52,7 @@ class AttackBenchConfig:
 def fastest_seconds(work: Callable[[], object], repeats: int, device: torch.device | str = "cpu") -> float:
     """The shortest wall time of ``repeats`` runs of ``work`` on ``device``, after one untimed warm-up."""
     work()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        work()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(wall_seconds(work, device) for _ in range(repeats))
 
 
 def run_attack_benchmark(config: AttackBenchConfig) -> dict:

@@ -39,6 +39,15 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def wall_seconds(work: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """The wall time of one call of ``work`` on ``device`` (its queued kernels included)."""
+    synchronize(device)
+    start = time.perf_counter()
+    work()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def measure(run: Callable[[], object], device: torch.device | str = "cpu") -> tuple[float, float | None]:
     """(wall seconds, peak-memory growth in MiB or None) of one call of ``run``: growth of the
     resident set on a CPU, of the allocated CUDA memory on a GPU."""

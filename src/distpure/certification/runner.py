@@ -4,8 +4,10 @@ as soon as it exists, resumable at record granularity and shardable by ``torchru
 The run directory is ``evaluation.rundir``'s (config.yaml, resolved.json, results.jsonl or
 results.rank<N>.jsonl, sessions.jsonl, metadata.json, summary.json). Every record's noise is
 seeded from (seed, setting, dataset index) alone, so a resumed, reordered or sharded run writes
-the same records as a straight one. Settings run in the order the config lists them, so the
-config's author decides which rows a stopped run has complete.
+the same records as a straight one. Each session's entry in sessions.jsonl also records the
+images each setting plans and the image shape (what a report of a stopped run needs). Settings
+run in the order the config lists them, so the config's author decides which rows a stopped run
+has complete.
 """
 from __future__ import annotations
 
@@ -59,7 +61,9 @@ def run_certification(config: CertifyConfig, run_dir: str | Path, show_progress:
     if shard.is_main:
         claim_certify_dir(files, config, resolved)
         _append(files.sessions, {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                 "processes": shard.world_size, "hardware": hardware(device, config.precision)})
+                                 "processes": shard.world_size, "hardware": hardware(device, config.precision),
+                                 "planned": planned_images(config, len(data)),
+                                 "image_shape": list(data.images.shape[1:])})
     shard.barrier()
     clock = RunClock(files.metadata)
     written = {record_key(r): r for r in certify_records(files)}
@@ -136,6 +140,14 @@ def certify_sample(config: CertifyConfig, setting: SettingConfig, base: Denoised
             "skipped": result.skipped, "curtailed": result.curtailed,
             "correct": result.predicted == label and not result.abstained,
             "seconds": round(seconds, 3), "denoiser_calls": result.denoiser_calls}
+
+
+def is_certification_dir(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a certification run (its config.yaml lists smoothing settings,
+    not an evaluation's defences)."""
+    files = RunDirectory(run_dir)
+    values = load_yaml(files.config) if files.config.is_file() else None
+    return isinstance(values, dict) and "settings" in values and "defenses" not in values
 
 
 def record_key(record: dict) -> tuple[str, int]:

@@ -97,8 +97,24 @@ def _certify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="certification YAML (see configs/cifar10-certify.yaml)")
     parser.add_argument("--out", help="run directory (default: runs/<name>)")
     parser.add_argument("--summary", action="store_true",
-                        help="only print the summary of the records the run directory holds (a stopped run too)")
+                        help="only print the summary of the records the run directory holds (a stopped run too) "
+                             "and write its report.md")
+    _empirical_argument(parser)
     _overrides_argument(parser)
+
+
+def _empirical_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--empirical", metavar="RUN_DIR",
+                        help="certification reports: the evaluation run whose L2 figures are set beside the "
+                             "certified ones (default: the committed results/cifar10-honest)")
+
+
+def _write_certified_report(out: str, config, empirical: str | None) -> None:
+    """Write a certification run's report.md (and plot) and say where."""
+    from ..reporting.certified import write_certified_report
+    from ..reporting.empirical import HONEST_RUN
+
+    print(f"report: {write_certified_report(out, config, empirical or HONEST_RUN)}")
 
 
 @command("certify", "certified L2 accuracy by (diffusion) denoised smoothing; resumable; torchrun-shardable",
@@ -114,6 +130,8 @@ def _certify(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{config.name}"
     if args.summary:
         print(format_summary(summarize_run(config, RunDirectory(out)), config.report_radii))
+        if RunDirectory(out).config.is_file():
+            _write_certified_report(out, config, args.empirical)
         return 0
     summary = run_certification(config, out)
     if summary:
@@ -121,6 +139,7 @@ def _certify(args: argparse.Namespace) -> int:
         print(format_summary(summary["settings"], config.report_radii))
         print(describe_hardware(summary["hardware"]))
         print(f"\nrun directory: {out}")
+        _write_certified_report(out, config, args.empirical)
     return 0
 
 
@@ -223,19 +242,26 @@ def _eval_diffusion(args: argparse.Namespace) -> int:
 
 
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="run directory written by distpure evaluate / demo")
+    parser.add_argument("run_dir", help="run directory written by distpure evaluate / demo / certify")
     parser.add_argument("--json", action="store_true",
                         help="print the recomputed summary as JSON instead of writing the report")
+    _empirical_argument(parser)
 
 
-@command("report", "write report.md, results.csv and plots for a run directory", _report_arguments)
+@command("report", "write report.md, results.csv and plots for a run directory (a certification run: "
+         "report.md and certified_accuracy.png)", _report_arguments)
 def _report(args: argparse.Namespace) -> int:
     import json
 
+    from ..certification.runner import is_certification_dir
+    from ..reporting.certified import certified_summary
     from ..reporting.report import summary_json, write_report
 
+    certification = is_certification_dir(args.run_dir)
     if args.json:
-        print(json.dumps(summary_json(args.run_dir), indent=2))
+        print(json.dumps((certified_summary if certification else summary_json)(args.run_dir), indent=2))
+    elif certification:
+        _write_certified_report(args.run_dir, None, args.empirical)
     else:
         print(write_report(args.run_dir))
     return 0
@@ -274,6 +300,23 @@ def _bench_attack(args: argparse.Namespace) -> int:
 
     result = run_attack_benchmark(from_dict(AttackBenchConfig, parse_overrides(args.set)))
     print(json.dumps(result, indent=2) if args.json else format_attack_benchmark(result))
+    return 0
+
+
+def _bench_certify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="the JSON file to write every figure to")
+    _overrides_argument(parser)
+
+
+@command("bench-certify", "draws per second of smoothing's class counting (one-shot, multistep) against the "
+         "bare denoiser + victim forward on the same batch", _bench_certify_arguments)
+def _bench_certify(args: argparse.Namespace) -> int:
+    from ..benchmarks.certify_cost import (CertifyBenchConfig, format_certify_benchmark, run_certify_benchmark,
+                                           write_benchmark)
+
+    result = run_certify_benchmark(from_dict(CertifyBenchConfig, parse_overrides(args.set)))
+    print(format_certify_benchmark(result))
+    print(f"wrote {write_benchmark(result, args.out)}")
     return 0
 
 

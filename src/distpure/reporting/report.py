@@ -47,7 +47,7 @@ def _empty_plot_folder(plot_dir: Path) -> None:
 def summary_json(run_dir: str | Path) -> dict:
     """The recomputed summary with the run's metadata, as JSON-ready data (NaN -> null)."""
     run = Run.load(RunDirectory(run_dir))
-    return _json_ready({**run.summary, "run_dir": str(run_dir), "finished": run.finished,
+    return json_ready({**run.summary, "run_dir": str(run_dir), "finished": run.finished,
                         "samples": run.samples, "samples_per_class": run.samples_per_class,
                         "records": len(run.records), "metadata": run.metadata,
                         "warnings": run.warnings, "convergence": convergence_summary(run.traces, run.records, run.config),
@@ -163,11 +163,12 @@ def _figure_lines(plots: list[tuple[str, Path]], grids: list[Path], run_dir: Pat
     return lines
 
 
-def _json_ready(value):
+def json_ready(value):
+    """``value`` with every non-finite float as None (JSON has no NaN), recursively."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     return value

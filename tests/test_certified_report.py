@@ -1,0 +1,159 @@
+"""The certification report on made-up records: its table's figures against hand-computed ones
+(radius comparison, denominators), the empirical figures read from an evaluation's results.csv,
+the L∞ caveat, the envelope over σ and a stopped run (nothing here runs a model)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distpure.cli.main import main
+from distpure.reporting.certified import CertifiedRun, linf_radius, write_certified_report
+from distpure.reporting.certified_plot import certified_curves, curve_radii, envelopes
+from distpure.reporting.empirical import read_rows, threat_figures
+
+CONFIG = {"name": "synthetic", "data": {"dataset": "cifar10", "limit": 10}, "n0": 10, "n": 100, "alpha": 0.1,
+          "radii": [0.0, 0.25, "128/255"],
+          "settings": [{"name": "a", "denoiser": "one-shot", "sigma": 0.25, "reach": 0.25},
+                       {"name": "b", "denoiser": "one-shot", "sigma": 0.5},
+                       {"name": "c", "denoiser": "multistep", "sigma": 0.25, "steps": 2, "reach": 0.25, "limit": 4}]}
+# setting a: certified at 0.25 exactly (counts at r = 0.25), 0.3, 0.1; one abstention; one skipped
+A = [(True, 0.25, False, False), (True, 0.3, False, False), (True, 0.1, False, True), (False, None, False, False),
+     (False, None, True, False)]
+B = [(True, 0.6, False, False), (True, 0.2, False, False)]
+LEVEL = {"label": 144, "timestep": 144, "alpha_bar": 0.8, "continuous": False, "model_noise": 0.5, "sigma": 0.25}
+
+
+def _record(setting: str, index: int, correct: bool, radius: float | None, skipped: bool, curtailed: bool) -> dict:
+    return {"setting": setting, "index": index, "dataset_index": 100 + index, "sigma": 0.25, "label": 1,
+            "predicted": 1 if not skipped else 2, "correct": correct, "radius": radius,
+            "abstained": not correct, "skipped": skipped, "curtailed": curtailed,
+            "seconds": float(index + 1), "denoiser_calls": 10 * (index + 1)}
+
+
+def _honest(root: Path) -> Path:
+    """An evaluation's results.csv: a frozen-noise row and an empty one must not count."""
+    rows = [("diffpure", "clean", "clean", "linf", 8 / 255, False, 128, 0.75, 8),
+            ("diffpure", "pgd-l2", "pgd", "l2", 128 / 255, False, 128, 0.5, 8),
+            ("diffpure", "pgd-l2-long", "pgd", "l2", 128 / 255, False, 128, 0.4, 8),
+            ("diffpure", "frozen-l2", "pgd", "l2", 128 / 255, True, 128, 0.1, 1),
+            ("diffpure", "unrun-l2", "pgd", "l2", 128 / 255, False, 0, "", 0),
+            ("diffpure", "worst-case-l2-0.501961", "worst-case", "l2", 128 / 255, False, 128, 0.45, 4),
+            ("diffpure", "resubmission-l2-0.501961", "resubmission", "l2", 128 / 255, False, 128, 0.05, 8),
+            ("diffpure", "worst-case-linf-0.0313725", "worst-case", "linf", 8 / 255, False, 128, 0.1171875, 4),
+            ("no-defense", "pgd-l2", "pgd", "l2", 128 / 255, False, 128, 0.0, 1)]
+    root.mkdir()
+    with (root / "results.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["defense", "attack", "kind", "norm", "eps", "frozen_noise", "total", "accuracy", "ci_low",
+                         "ci_high", "draws", "scoring"])
+        for defence, attack, kind, norm, eps, frozen, total, accuracy, draws in rows:
+            low, high = (accuracy - 0.05, accuracy + 0.05) if accuracy != "" else ("", "")
+            writer.writerow([defence, attack, kind, norm, eps, frozen, total, accuracy, low, high, draws, "expected"])
+    return root
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    (root / "resolved.json").write_text(json.dumps({"settings": {"settings": {
+        "a": {"noise_level": LEVEL, "purifier": None}, "c": {"noise_level": LEVEL, "purifier": {"num_steps": 2}}}}}))
+    (root / "sessions.jsonl").write_text(json.dumps({"processes": 1, "planned": {"a": 10, "b": 2, "c": 4},
+                                                     "image_shape": [3, 32, 32], "hardware": {
+        "device": "cpu", "cpu": "Test CPU 9000", "torch_threads": 1, "precision": "auto",
+        "resolved_precision": "fp32", "native_bf16": False}}) + "\n")
+    records = [_record("a", i, *r) for i, r in enumerate(A)] + [_record("b", i, *r) for i, r in enumerate(B)]
+    (root / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def _row(report: str, name: str) -> list[str]:
+    """The cells of the first table row of setting ``name``."""
+    line = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+    return [cell.strip() for cell in line.strip("|").split(" | ")]
+
+
+def _wilson(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    p, d = correct / total, 1 + z * z / total
+    centre, half = (p + z * z / (2 * total)) / d, z * math.sqrt(p * (1 - p) / total + z * z / (4 * total**2)) / d
+    return centre - half, centre + half
+
+
+def test_the_table_holds_the_hand_computed_figures(run_dir: Path, tmp_path: Path) -> None:
+    report = write_certified_report(run_dir, empirical=_honest(tmp_path / "honest")).read_text()
+    cells = _row(report, "a")
+    # every image with a record counts, the skipped one too: 3 of 5 at r = 0, 2 of 5 at r = 0.25
+    # (a radius of exactly 0.25 counts there); 128/255 is beyond a's reach (0.49994 at n = 100)
+    low, high = _wilson(2, 5)
+    assert cells[:5] == ["a", "5/10", f"60.0 [{100 * _wilson(3, 5)[0]:.1f}, {100 * _wilson(3, 5)[1]:.1f}]",
+                         f"40.0 [{100 * low:.1f}, {100 * high:.1f}]", "–"]
+    assert _row(report, "b")[1:5] == ["2/2", "100.0 [34.2, 100.0]", "50.0 [9.5, 90.5]", "50.0 [9.5, 90.5]"]
+    assert _row(report, "c")[1:] == ["0/4", "–", "–", "–"]
+    settings = report[report.index("## Settings and cost"):].split("\n")
+    a = _row("\n".join(settings), "a")
+    # abstentions among the 4 estimated images; 1 skipped, 1 curtailed; means over the 5 images
+    assert a[1:] == ["one-shot x̂0", "0.25", "step 144: √((1−ᾱ)/ᾱ) = 0.500 (2σ = 0.5)", "100", "0.500", "5/10",
+                     "25.0 % (1/4)", "1", "1", "3.0", "30.0"]
+    assert _row("\n".join(settings), "c")[1] == "multistep, 2 steps"
+    assert "Test CPU 9000" in report and "**Partial run**" in report
+    assert (run_dir / "certified_accuracy.png").stat().st_size > 0
+
+
+def test_empirical_figures_are_read_not_typed(tmp_path: Path) -> None:
+    rows = read_rows(_honest(tmp_path / "honest"))
+    (figures,) = threat_figures(rows, "l2", 128 / 255, defences=("pgd-at", "diffpure"))
+    assert figures.defence == "diffpure" and figures.clean.accuracy == 0.75
+    assert (figures.strongest.attack, figures.strongest.accuracy) == ("pgd-l2-long", 0.4)  # not the frozen row
+    assert (figures.picked.accuracy, figures.picked.draws, figures.resubmission.accuracy) == (0.45, 4, 0.05)
+    assert read_rows(tmp_path / "absent") is None
+
+
+def test_the_report_sets_empirical_upper_bounds_beside_and_says_when_absent(run_dir: Path, tmp_path: Path) -> None:
+    report = write_certified_report(run_dir, empirical=_honest(tmp_path / "honest")).read_text()
+    diffpure = _row(report, "diffpure")
+    assert diffpure[2:] == ["40.0 [35.0, 45.0] (pgd-l2-long)", "45.0 [40.0, 50.0]", "5.0 [0.0, 10.0]"]
+    assert "**upper bounds**" in report and "**lower bounds**" in report and "scored on the 4 other draws" in report
+    assert "Certified at L2 128/255: one-shot 50.0 [9.5, 90.5] (b, 2 images)" in report
+    absent = write_certified_report(run_dir, empirical=tmp_path / "absent").read_text()
+    assert "No empirical figures to compare" in absent and "absent" in absent
+
+
+def test_the_linf_caveat_is_computed(run_dir: Path, tmp_path: Path) -> None:
+    assert 255 * linf_radius(0.5, 3 * 32 * 32) == pytest.approx(2.30, abs=0.005)
+    report = write_certified_report(run_dir, empirical=_honest(tmp_path / "honest")).read_text()
+    assert "d = 3072" in report and "L2 128/255 → L∞ 2.3/255" in report
+    # L∞ 8/255 needs L2 8/255 * sqrt(3072) = 1.739, beyond b's reach of 1.0
+    assert "8/255 × √d = 1.739, beyond every setting's reach" in report and "diffpure 11.7" in report
+
+
+def test_the_envelope_is_the_best_sigma_of_each_denoiser(run_dir: Path) -> None:
+    run = CertifiedRun.load(run_dir)
+    radii = curve_radii(run.records, 1.0)
+    assert radii == (0.0, 0.1, 0.2, 0.25, 0.3, 0.6, 1.0)
+    curves = certified_curves(run.records, ["a", "b", "c"], radii)
+    assert set(curves) == {"a", "b"}  # c has no records
+    assert curves["a"] == [0.6, 0.6, 0.4, 0.4, 0.2, 0.0, 0.0]
+    assert curves["b"] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.0]
+    kinds = {"a": "one-shot", "b": "one-shot", "c": "multistep"}
+    assert envelopes(curves, kinds) == {"one-shot": [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.0]}
+    assert envelopes({"a": curves["a"]}, kinds) == {}  # one setting: its own curve, no envelope
+
+
+def test_a_run_from_before_sessions_recorded_plans_uses_the_config(run_dir: Path) -> None:
+    (run_dir / "sessions.jsonl").write_text("")
+    assert CertifiedRun.load(run_dir).planned == {"a": 10, "b": 10, "c": 4}
+
+
+def test_distpure_report_recognises_a_certification_run(run_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["report", str(run_dir), "--empirical", str(tmp_path / "absent")]) == 0
+    assert "report.md" in capsys.readouterr().out and (run_dir / "report.md").is_file()
+    assert main(["report", str(run_dir), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["settings"]["c"]["certified"]["0"]["value"] is None  # no records: null, not NaN
+    assert summary["settings"]["a"]["certified"]["0.25"]["correct"] == 2
