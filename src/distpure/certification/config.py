@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..attacks.base import parse_epsilon
+from ..attacks.smoothadv import SmoothAdvConfig
 from ..config import from_dict, load_yaml, merge
 from ..devices import check_precision
 from ..evaluation.config import DataConfig, ModelsConfig
-from ..validation import check_choice
+from ..validation import check_choice, check_whole
 from .denoisers import DENOISER_KINDS
 from .statistics import max_certifiable_radius
 
@@ -62,6 +63,30 @@ class SettingConfig:
             raise ValueError(f"guidance_scale is set, but only denoiser 'guided' uses it, not {self.denoiser!r}")
 
 
+#: PREDICT draws an attack's example needs at least: fewer abstain so often that a violation
+#: (a certified sample classified otherwise) could hardly be seen
+LEAST_PREDICT_DRAWS = 1000
+
+
+@dataclass
+class AttackSection(SmoothAdvConfig):
+    """The optional ``attack`` of a certification run (``distpure certify CONFIG --attack``):
+    SmoothAdv (see ``attacks.smoothadv``) on the smoothed classifier of ``setting`` at L2
+    radius ``epsilon``, on the first ``limit`` images that setting has certified (default: all
+    of them); each example is scored by PREDICT with ``n`` fresh draws (at least 1000) at the
+    run's ``alpha``. The attack's draws, ``m`` per step, are ``batch_size`` per call as well."""
+
+    setting: str = ""
+    n: int = LEAST_PREDICT_DRAWS
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_whole("n", self.n, LEAST_PREDICT_DRAWS)
+        if self.limit is not None:
+            check_whole("limit", self.limit, 1)
+
+
 @dataclass
 class CertifyConfig:
     """A certification run: every setting certifies the first images of ``data`` (its own
@@ -70,7 +95,8 @@ class CertifyConfig:
     such as ``128/255`` allowed; 0 is always reported). ``skip_wrong``: no estimation draws for
     a sample whose selection picked a wrong class (it can never be certified-correct).
     ``curtail``: stop drawing once the outcome at every reported radius is decided (exact at
-    those radii; radii in between get a lower bound)."""
+    those radii; radii in between get a lower bound). ``attack``: the optional SmoothAdv section
+    (``AttackSection``), whose records live beside the certificates and never change them."""
 
     name: str = "certify"
     description: str = ""
@@ -84,6 +110,7 @@ class CertifyConfig:
     radii: list[float | str] = field(default_factory=lambda: list(REPORT_RADII))
     skip_wrong: bool = True
     curtail: bool = False
+    attack: AttackSection | dict | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -124,6 +151,24 @@ class CertifyConfig:
                     f"setting {setting.name!r}: n = {n} draws can never certify radius {wanted:.4g} at sigma "
                     f"{setting.sigma} and alpha {self.alpha} (all {n} right gives radius {reach:.4g}); raise n, "
                     "or set the setting's reach to what it is meant to certify")
+        if self.attack is not None:
+            self.attack = self._attack_section(self.attack)
+
+    def _attack_section(self, values: AttackSection | dict) -> AttackSection:
+        """The attack section, read and checked (an error says it is the attack's)."""
+        try:
+            attack = values if isinstance(values, AttackSection) else from_dict(AttackSection, values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"attack: {error}") from error
+        names = [s.name for s in self.settings]
+        if attack.setting not in names:
+            raise ValueError(f"attack: setting {attack.setting!r} is not a setting of this run; "
+                             f"expected one of {', '.join(names)}")
+        return attack
+
+    def setting(self, name: str) -> SettingConfig:
+        """The setting called ``name``."""
+        return next(s for s in self.settings if s.name == name)
 
     @property
     def report_radii(self) -> tuple[float, ...]:
