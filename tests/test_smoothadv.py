@@ -17,7 +17,7 @@ from distpure.certification import attack_run as attack_module
 from distpure.certification import build_base_classifier
 from distpure.certification import runner as runner_module
 from distpure.certification.attack_run import (AttackFiles, attack_records, is_violation, run_attack,
-                                               summarize_attack)
+                                               summarize_attack, targets)
 from distpure.certification.config import load_certify_config
 from distpure.certification.runner import claim_certify_dir, run_certification
 from distpure.evaluation.distributed import Shard
@@ -141,6 +141,13 @@ def _attack_config(assets, tmp_path: Path, **attack):
 def test_bad_attack_settings_are_refused_when_read_naming_the_value(run_assets, tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         load_certify_config(_attack_config(run_assets, tmp_path, **changes))
+
+
+def test_the_attack_targets_certified_images_within_its_limits(run_assets, tmp_path):
+    config = load_certify_config(_attack_config(run_assets, tmp_path, limit=4))
+    certificates = {index: {} for index in (0, 2, 3, 5)}  # a partial run: 1 and 4 not certified yet
+    assert targets(config, certificates) == [0, 2, 3]
+    assert targets(config, certificates, available=3) == [0, 2]
 
 
 def test_an_attack_section_keeps_the_committed_partial_run_resumable(tmp_path):

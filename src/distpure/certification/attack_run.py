@@ -80,12 +80,12 @@ def attack_records(files: AttackFiles) -> list[dict]:
 
 
 def targets(config: CertifyConfig, certificates: dict[int, dict], available: int | None = None) -> list[int]:
-    """The image positions to attack: the first ``limit`` of the attacked setting's (of
-    ``available`` images, if known) that have a CERTIFY record (the others wait for theirs)."""
-    attack = config.attack
-    limit = config.images(config.setting(attack.setting), available if available is not None else 1 << 62)
-    limit = limit if attack.limit is None else min(limit, attack.limit)
-    return [index for index in sorted(certificates) if index < limit]
+    """The image positions to attack: those among the first ``limit`` of the attack (and of its
+    setting, and of the ``available`` images if known) that have a CERTIFY record (the others
+    wait for theirs)."""
+    limits = [bound for bound in (config.attack.limit, config.setting(config.attack.setting).limit, available)
+              if bound is not None]
+    return [index for index in sorted(certificates) if all(index < bound for bound in limits)]
 
 
 def run_attack(config: CertifyConfig, run_dir: str | Path, show_progress: bool = True) -> dict:

@@ -19,10 +19,6 @@ from .statistics import max_certifiable_radius
 REPORT_RADII: tuple[str | float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, "128/255")
 
 
-def _whole(value: object, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
 @dataclass
 class SettingConfig:
     """One smoothed classifier: the ``denoiser`` kind (see ``denoisers``) at smoothing noise
@@ -49,16 +45,14 @@ class SettingConfig:
         check_choice("denoiser kind", self.denoiser, DENOISER_KINDS)
         if not (isinstance(self.sigma, (int, float)) and self.sigma > 0 and math.isfinite(self.sigma)):
             raise ValueError(f"sigma must be positive (pixel units), got {self.sigma!r}")
-        if self.n is not None and not _whole(self.n, 1):
-            raise ValueError(f"n must be a whole number of at least 1, got {self.n!r}")
-        if not _whole(self.steps, 1):
-            raise ValueError(f"steps must be a whole number of at least 1, got {self.steps!r}")
-        if not _whole(self.votes, 1):
-            raise ValueError(f"votes must be a whole number of at least 1, got {self.votes!r}")
+        if self.n is not None:
+            check_whole("n", self.n, 1)
+        check_whole("steps", self.steps, 1)
+        check_whole("votes", self.votes, 1)
         if self.votes > 1 and self.denoiser != "voted":
             raise ValueError(f"votes is {self.votes}, but only denoiser 'voted' votes, not {self.denoiser!r}")
-        if self.limit is not None and not _whole(self.limit, 1):
-            raise ValueError(f"limit must be a whole number of at least 1 (or null), got {self.limit!r}")
+        if self.limit is not None:
+            check_whole("limit", self.limit, 1)
         if self.guidance_scale is not None and self.denoiser != "guided":
             raise ValueError(f"guidance_scale is set, but only denoiser 'guided' uses it, not {self.denoiser!r}")
 
@@ -120,8 +114,7 @@ class CertifyConfig:
         if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 < self.alpha < 1):
             raise ValueError(f"alpha must lie in (0, 1), got {self.alpha!r}")
         for name in ("n0", "n", "batch_size"):
-            if not _whole(getattr(self, name), 1):
-                raise ValueError(f"{name} must be a whole number of at least 1, got {getattr(self, name)!r}")
+            check_whole(name, getattr(self, name), 1)
         for flag in ("skip_wrong", "curtail"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
