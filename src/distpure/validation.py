@@ -40,3 +40,9 @@ def check_labels(labels: torch.Tensor, num_images: int, num_classes: int) -> Non
     if low < 0 or high >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} outputs; "
                          f"got labels in [{low}, {high}]")
+
+
+def check_whole(setting: str, value: object, least: int) -> None:
+    """Refuse a ``value`` of ``setting`` that is not a whole number of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{setting} must be a whole number of at least {least}, got {value!r}")

@@ -150,7 +150,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         if late is not None and step == late_iteration(config.steps):
             late.append((iterate.best if config.keep_best else images + iterate.delta).detach().clone())
         iterate.direction = config.momentum * iterate.direction + _unit_l1(gradient) if config.momentum else gradient
-        iterate.delta = project(iterate.delta + config.alpha * _ascent_direction(iterate.direction, config.norm),
+        iterate.delta = project(iterate.delta + config.alpha * ascent_direction(iterate.direction, config.norm),
                                 images, config.norm, config.eps)
         iterate.step = step + 1
         if progress is not None:
@@ -170,7 +170,7 @@ def _first_iterate(images: torch.Tensor, start: torch.Tensor | None, config: PGD
     if start is not None:
         delta = project(start.to(images) - images, images, config.norm, config.eps)
     elif config.random_start:
-        delta = _random_start(images, config, torch.Generator().manual_seed(config.seed))
+        delta = random_point(images, config, torch.Generator().manual_seed(config.seed))
     else:
         delta = torch.zeros_like(images)
     return _Iterate(0, delta, (images + delta).detach(), torch.full((len(images),), -1.0, device=images.device),
@@ -256,7 +256,8 @@ def _unit_l1(gradient: torch.Tensor) -> torch.Tensor:
     return gradient / scale.view(-1, *[1] * (gradient.ndim - 1))
 
 
-def _ascent_direction(gradient: torch.Tensor, norm: str) -> torch.Tensor:
+def ascent_direction(gradient: torch.Tensor, norm: str) -> torch.Tensor:
+    """A step's direction: the gradient's sign (L∞), or the gradient of unit L2 norm per sample."""
     if norm == "linf":
         return gradient.sign()
     flat_norm = gradient.flatten(1).norm(dim=1).clamp_min(1e-12)
@@ -274,7 +275,9 @@ def project(delta: torch.Tensor, images: torch.Tensor, norm: str, eps: float) ->
     return ((images + delta).clamp(0.0, 1.0) - images).detach()
 
 
-def _random_start(images: torch.Tensor, config: PGDConfig, generator: torch.Generator) -> torch.Tensor:
+def random_point(images: torch.Tensor, config: PGDConfig, generator: torch.Generator) -> torch.Tensor:
+    """A random start in ``config``'s ε-ball around ``images`` (uniform per coordinate for L∞, a
+    uniform direction at a uniform radius for L2), inside [0, 1]."""
     noise = torch.rand(images.shape, generator=generator).to(images.device) * 2 - 1
     if config.norm == "linf":
         delta = noise * config.eps

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..attacks.base import parse_epsilon
+from ..attacks.smoothadv import SmoothAdvConfig
 from ..config import from_dict, load_yaml, merge
 from ..devices import check_precision
 from ..evaluation.config import DataConfig, ModelsConfig
-from ..validation import check_choice
+from ..validation import check_choice, check_whole
 from .denoisers import DENOISER_KINDS
 from .statistics import max_certifiable_radius
 
@@ -18,10 +19,6 @@ from .statistics import max_certifiable_radius
 PAPER_L2_RADIUS = "128/255"
 #: the radii every summary reports (L2, pixel units in [0, 1])
 REPORT_RADII: tuple[str | float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, PAPER_L2_RADIUS)
-
-
-def _whole(value: object, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 @dataclass
@@ -50,18 +47,40 @@ class SettingConfig:
         check_choice("denoiser kind", self.denoiser, DENOISER_KINDS)
         if not (isinstance(self.sigma, (int, float)) and self.sigma > 0 and math.isfinite(self.sigma)):
             raise ValueError(f"sigma must be positive (pixel units), got {self.sigma!r}")
-        if self.n is not None and not _whole(self.n, 1):
-            raise ValueError(f"n must be a whole number of at least 1, got {self.n!r}")
-        if not _whole(self.steps, 1):
-            raise ValueError(f"steps must be a whole number of at least 1, got {self.steps!r}")
-        if not _whole(self.votes, 1):
-            raise ValueError(f"votes must be a whole number of at least 1, got {self.votes!r}")
+        if self.n is not None:
+            check_whole("n", self.n, 1)
+        check_whole("steps", self.steps, 1)
+        check_whole("votes", self.votes, 1)
         if self.votes > 1 and self.denoiser != "voted":
             raise ValueError(f"votes is {self.votes}, but only denoiser 'voted' votes, not {self.denoiser!r}")
-        if self.limit is not None and not _whole(self.limit, 1):
-            raise ValueError(f"limit must be a whole number of at least 1 (or null), got {self.limit!r}")
+        if self.limit is not None:
+            check_whole("limit", self.limit, 1)
         if self.guidance_scale is not None and self.denoiser != "guided":
             raise ValueError(f"guidance_scale is set, but only denoiser 'guided' uses it, not {self.denoiser!r}")
+
+
+#: PREDICT draws an attack's example needs at least: fewer abstain so often that a violation
+#: (a certified sample classified otherwise) could hardly be seen
+LEAST_PREDICT_DRAWS = 1000
+
+
+@dataclass
+class AttackSection(SmoothAdvConfig):
+    """The optional ``attack`` of a certification run (``distpure certify CONFIG --attack``):
+    SmoothAdv (see ``attacks.smoothadv``) on the smoothed classifier of ``setting`` at L2
+    radius ``epsilon``, on the first ``limit`` images that setting has certified (default: all
+    of them); each example is scored by PREDICT with ``n`` fresh draws (at least 1000) at the
+    run's ``alpha``. The attack's draws, ``m`` per step, are ``batch_size`` per call as well."""
+
+    setting: str = ""
+    n: int = LEAST_PREDICT_DRAWS
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_whole("n", self.n, LEAST_PREDICT_DRAWS)
+        if self.limit is not None:
+            check_whole("limit", self.limit, 1)
 
 
 @dataclass
@@ -72,7 +91,8 @@ class CertifyConfig:
     such as ``128/255`` allowed; 0 is always reported). ``skip_wrong``: no estimation draws for
     a sample whose selection picked a wrong class (it can never be certified-correct).
     ``curtail``: stop drawing once the outcome at every reported radius is decided (exact at
-    those radii; radii in between get a lower bound)."""
+    those radii; radii in between get a lower bound). ``attack``: the optional SmoothAdv section
+    (``AttackSection``), whose records live beside the certificates and never change them."""
 
     name: str = "certify"
     description: str = ""
@@ -86,6 +106,7 @@ class CertifyConfig:
     radii: list[float | str] = field(default_factory=lambda: list(REPORT_RADII))
     skip_wrong: bool = True
     curtail: bool = False
+    attack: AttackSection | dict | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -95,8 +116,7 @@ class CertifyConfig:
         if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 < self.alpha < 1):
             raise ValueError(f"alpha must lie in (0, 1), got {self.alpha!r}")
         for name in ("n0", "n", "batch_size"):
-            if not _whole(getattr(self, name), 1):
-                raise ValueError(f"{name} must be a whole number of at least 1, got {getattr(self, name)!r}")
+            check_whole(name, getattr(self, name), 1)
         for flag in ("skip_wrong", "curtail"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
@@ -126,6 +146,24 @@ class CertifyConfig:
                     f"setting {setting.name!r}: n = {n} draws can never certify radius {wanted:.4g} at sigma "
                     f"{setting.sigma} and alpha {self.alpha} (all {n} right gives radius {reach:.4g}); raise n, "
                     "or set the setting's reach to what it is meant to certify")
+        if self.attack is not None:
+            self.attack = self._attack_section(self.attack)
+
+    def _attack_section(self, values: AttackSection | dict) -> AttackSection:
+        """The attack section, read and checked (an error says it is the attack's)."""
+        try:
+            attack = values if isinstance(values, AttackSection) else from_dict(AttackSection, values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"attack: {error}") from error
+        names = [s.name for s in self.settings]
+        if attack.setting not in names:
+            raise ValueError(f"attack: setting {attack.setting!r} is not a setting of this run; "
+                             f"expected one of {', '.join(names)}")
+        return attack
+
+    def setting(self, name: str) -> SettingConfig:
+        """The setting called ``name``."""
+        return next(s for s in self.settings if s.name == name)
 
     @property
     def report_radii(self) -> tuple[float, ...]:

@@ -133,7 +133,9 @@ class ReverseDenoiser(nn.Module):
 
 class DenoisedClassifier(nn.Module):
     """A base classifier: noisy images to the victim's labels on the denoised images; with
-    ``votes`` > 1, the majority of that many denoisings per image (ties to the lower class)."""
+    ``votes`` > 1, the majority of that many denoisings per image (ties to the lower class).
+    ``probabilities`` is its differentiable soft form (what an attack on the smoothed
+    classifier ascends); the labels are the argmax of the same logits."""
 
     def __init__(self, victim: nn.Module, denoiser: nn.Module | None, votes: int = 1) -> None:
         super().__init__()
@@ -154,16 +156,24 @@ class DenoisedClassifier(nn.Module):
         if reseed is not None:
             reseed(seed)
 
+    def vote_logits(self, noisy: torch.Tensor) -> torch.Tensor:
+        """The victim's logits on each of the ``votes`` denoisings of every image (N x votes x K),
+        differentiable (gradients through the denoiser are exact)."""
+        if self.denoiser is None:
+            return self.victim(noisy).unsqueeze(1)
+        return torch.stack([self.victim(self.denoiser(noisy).clamp(0.0, 1.0)) for _ in range(self.votes)], dim=1)
+
+    def probabilities(self, noisy: torch.Tensor) -> torch.Tensor:
+        """The victim's softmax, averaged over the votes (a smooth stand-in for their majority)."""
+        return self.vote_logits(noisy).float().softmax(-1).mean(1)
+
     @torch.no_grad()
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
-        if self.denoiser is None:
-            return self.victim(noisy).argmax(1)
-        votes = torch.stack([self.victim(self.denoiser(noisy).clamp(0.0, 1.0)).argmax(1)
-                             for _ in range(self.votes)], dim=1)
+        logits = self.vote_logits(noisy)
+        votes = logits.argmax(-1)
         if self.votes == 1:
             return votes[:, 0]
-        classes = int(votes.max()) + 1
-        tallies = torch.zeros(len(votes), classes, dtype=torch.long, device=votes.device)
+        tallies = torch.zeros(len(votes), logits.shape[-1], dtype=torch.long, device=votes.device)
         tallies.scatter_add_(1, votes, torch.ones_like(votes))
         return tallies.argmax(1)  # the first maximum: ties go to the lower class
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from ..atomic import write_atomically
 from ..config import dump_yaml, from_dict, load_yaml
 from ..data import LabelledImages
 from ..devices import hardware, resolve_device, resolve_precision
-from ..evaluation.distributed import current_shard, finish, shard_device
+from ..evaluation.distributed import Shard, current_shard, finish, shard_device
 from ..evaluation.metadata import RunClock, environment
 from ..evaluation.records import RecordWriter, read_records
 from ..evaluation.resolved import differences, package_version
@@ -39,8 +39,9 @@ from .denoisers import DenoisedClassifier, build_base_classifier, noise_level
 from .smoothing import SmoothedClassifier
 from .summary import summarize_records
 
-#: what a resumed run may change without changing any record: presentation and image counts
-_FREE_FIELDS = ("description",)
+#: what a resumed run may change without changing any certificate: its presentation, and the
+#: attack section (whose records the attack's own settings file guards: ``attack_run``)
+_FREE_FIELDS = ("description", "attack")
 
 
 def sample_seed(config: CertifyConfig, setting: SettingConfig, dataset_index: int) -> int:
@@ -48,8 +49,20 @@ def sample_seed(config: CertifyConfig, setting: SettingConfig, dataset_index: in
     return derive_seed(config.seed, "certify", setting.name, int(dataset_index))
 
 
-def run_certification(config: CertifyConfig, run_dir: str | Path, show_progress: bool = True) -> dict:
-    """Run (or resume) ``config`` in ``run_dir``; returns the summary (on the main process)."""
+@dataclass
+class OpenRun:
+    """A run directory claimed for this config, with what every phase of the run works on."""
+
+    files: RunDirectory
+    device: torch.device
+    shard: Shard
+    data: LabelledImages
+    bases: dict[str, DenoisedClassifier]
+
+
+def open_run(config: CertifyConfig, run_dir: str | Path, phase: str = "certify") -> OpenRun:
+    """Load the data and models, check them, claim ``run_dir`` (or check that it holds this same
+    run before resuming) and note the session and its ``phase``."""
     files = RunDirectory(run_dir)
     device = shard_device(resolve_device(config.device))
     shard = current_shard(device)
@@ -60,14 +73,21 @@ def run_certification(config: CertifyConfig, run_dir: str | Path, show_progress:
     resolved = resolved_settings(config, bases, diffusion, device)
     if shard.is_main:
         claim_certify_dir(files, config, resolved)
-        _append(files.sessions, {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        _append(files.sessions, {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "phase": phase,
                                  "processes": shard.world_size, "hardware": hardware(device, config.precision),
                                  "planned": planned_images(config, len(data)),
                                  "image_shape": list(data.images.shape[1:])})
     shard.barrier()
+    return OpenRun(files, device, shard, data, bases)
+
+
+def run_certification(config: CertifyConfig, run_dir: str | Path, show_progress: bool = True) -> dict:
+    """Run (or resume) ``config`` in ``run_dir``; returns the summary (on the main process)."""
+    run = open_run(config, run_dir)
+    files, device, shard, data, bases = run.files, run.device, run.shard, run.data, run.bases
     clock = RunClock(files.metadata)
     written = {record_key(r): r for r in certify_records(files)}
-    _check_indices(written.values(), data)
+    check_indices(written.values(), data)
     units = work_units(config, len(data))
     mine = [unit for position, unit in enumerate(units) if position % shard.world_size == shard.rank]
     todo = [(s, i) for s, i in mine if (s.name, i) not in written]
@@ -227,7 +247,7 @@ def _record_fields(config: CertifyConfig) -> dict:
     return values
 
 
-def _check_indices(records, data: LabelledImages) -> None:
+def check_indices(records, data: LabelledImages) -> None:
     """Refuse to resume records whose image is no longer at their position in the data order."""
     for record in records:
         position = int(record["index"])

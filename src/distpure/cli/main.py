@@ -99,6 +99,9 @@ def _certify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", action="store_true",
                         help="only print the summary of the records the run directory holds (a stopped run too) "
                              "and write its report.md")
+    parser.add_argument("--attack", action="store_true",
+                        help="run the config's attack section instead (SmoothAdv on the images the run has "
+                             "certified, scored by PREDICT; counts certificate violations; resumable)")
     _empirical_argument(parser)
     _overrides_argument(parser)
 
@@ -120,6 +123,7 @@ def _write_certified_report(out: str, config, empirical: str | None) -> None:
 @command("certify", "certified L2 accuracy by (diffusion) denoised smoothing; resumable; torchrun-shardable",
          _certify_arguments)
 def _certify(args: argparse.Namespace) -> int:
+    from ..certification.attack_run import format_attack_summary, run_attack, summarize_attack_run
     from ..certification.config import load_certify_config
     from ..certification.runner import run_certification, summarize_run
     from ..certification.summary import format_summary
@@ -130,8 +134,15 @@ def _certify(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{config.name}"
     if args.summary:
         print(format_summary(summarize_run(config, RunDirectory(out)), config.report_radii))
+        if config.attack is not None:
+            print(format_attack_summary(summarize_attack_run(config, RunDirectory(out))))
         if RunDirectory(out).config.is_file():
             _write_certified_report(out, config, args.empirical)
+        return 0
+    if args.attack:
+        summary = run_attack(config, out)
+        if summary:
+            print(format_attack_summary(summary))
         return 0
     summary = run_certification(config, out)
     if summary:
