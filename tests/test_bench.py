@@ -58,7 +58,7 @@ def test_attack_bench_times_every_gradient_kind_both_ways(require_shared, capsys
     """``distpure bench-attack`` at toy sizes: every gradient kind, batched and sequential EOT,
     ratios consistent with the times, targets derived from them."""
     require_shared("data/cifar10-jpeg")
-    assert main(["bench-attack", "--json", "--set", "images=1", "eot=2", "repeats=1"]) == 0
+    assert main(["bench-attack", "--json", "--set", "images=1", "eot=2", "repeats=1", "num_steps=2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["steps"]) == {"exact", "exact-checkpointed", "bpda", "surrogate-soft"}
     forward = result["purification_forward_seconds"]

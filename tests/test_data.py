@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from distpure.data import (CIFAR10_CLASSES, DataError, list_class_folder, load_cifar10,
+from distpure.data import (CIFAR10_CLASSES, DataError, list_class_folder, load_cifar10, load_dataset,
                            load_image_folder, load_imagenet30, read_image)
+from distpure.evaluation.config import DataConfig
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,19 @@ def test_imagenet30_samples(require_shared) -> None:
     assert data.images.min() >= 0.0 and data.images.max() <= 1.0
     assert len(data.classes) == 30
     assert sorted(data.labels.tolist()) == list(range(30))
+
+
+def test_data_size_resizes_imagenet30_and_is_checked(require_shared) -> None:
+    """``data.size`` reaches the loader (a 64-px ADM's input) and bad sizes are refused on reading."""
+    root = require_shared("data/imagenet30-samples")
+    small = load_dataset("imagenet30", root, n=2, size=64)
+    assert small.images.shape == (2, 3, 64, 64)
+    assert torch.equal(small.labels, load_dataset("imagenet30", root, n=2).labels)
+    for bad in (0, 4, 2.5, True):
+        with pytest.raises(ValueError, match="data.size"):
+            DataConfig(dataset="imagenet30", size=bad)
+    with pytest.raises(ValueError, match="CIFAR-10 stays 32x32"):
+        DataConfig(dataset="cifar10", size=64)
 
 
 # --- image modes ---------------------------------------------------------------------------------

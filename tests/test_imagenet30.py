@@ -1,5 +1,5 @@
-"""ImageNet-30 at 256x256: ADM safetensors loading, purification with the tiny fixture ADM, an
-end-to-end smoke run of configs/imagenet30-linf.yaml, and the full-size ADM cost benchmark.
+"""ImageNet-30: ADM safetensors loading and purification at 256x256 with the tiny fixture ADM, an
+end-to-end smoke run of configs/imagenet30-linf.yaml at 64x64, and the full-size ADM cost benchmark.
 
 The smoke run keeps every defence and attack of the config but shrinks their step counts (see the
 config's header); its victim is a randomly initialised ResNet-50, so no accuracy is checked.
@@ -16,6 +16,7 @@ import pytest
 import torch
 import torchvision
 import yaml
+from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from distpure.benchmarks import adm_cost
@@ -25,13 +26,16 @@ from distpure.config import load_yaml
 from distpure.defenses.purifier import Purifier
 from distpure.defenses.recommended import recommended_purifier_config
 from distpure.evaluation.records import read_records
+from distpure.models.adm import adm_scheduler, adm_unet_config, read_flags
 from distpure.models.diffusion import DiffusionModel
 from distpure.models.diffusion_loader import load_diffusion
 from distpure.models.weights import save_state_dict
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "imagenet30-linf.yaml"
 TINY_ADM = "fixtures/adm/adm_tiny_256.safetensors"
+TINY_ADM_FLAGS = "fixtures/adm/adm_tiny_256_config.json"
 LIMIT = 2
+SMOKE_SIZE = 64
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +77,16 @@ def write_smoke_config(source: Path, target: Path) -> dict:
     return config
 
 
+def save_tiny_adm_64(require_shared: Callable[[str], Path], out_dir: Path) -> Path:
+    """The shared tiny ADM's topology at 64x64 with random weights, as a diffusers directory:
+    the config's path at a sixteenth of the pixels, attention at 16 and 8 px only (the 256-px
+    fixture is checked above)."""
+    flags = {**read_flags(require_shared(TINY_ADM_FLAGS)), "image_size": SMOKE_SIZE, "attention_resolutions": "16,8"}
+    torch.manual_seed(0)
+    DiffusionModel(UNet2DModel(**adm_unet_config(flags)).eval(), adm_scheduler(flags)).save_pretrained(out_dir)
+    return out_dir
+
+
 def save_random_resnet50(path: Path) -> Path:
     """A randomly initialised torchvision ResNet-50 state dict (stands in for the real weights)."""
     torch.manual_seed(0)
@@ -82,14 +96,15 @@ def save_random_resnet50(path: Path) -> Path:
 
 def test_imagenet30_config_smoke_run(require_shared: Callable[[str], Path], tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every defence x attack of configs/imagenet30-linf.yaml on 2 sample photos at 256x256."""
+    """Every defence x attack of configs/imagenet30-linf.yaml on 2 sample photos, shrunk to 64x64
+    with a 64-px tiny ADM: the path the config takes, at the smallest size that exercises it."""
     monkeypatch.setenv("DISTPURE_DATA", str(require_shared("data/imagenet30-samples").parent))
-    adm = require_shared(TINY_ADM)
+    adm = save_tiny_adm_64(require_shared, tmp_path / "adm64")
     config = write_smoke_config(CONFIG, tmp_path / "smoke.yaml")
     victim = save_random_resnet50(tmp_path / "resnet50.safetensors")
     run_dir = tmp_path / "run"
     assert main(["evaluate", str(tmp_path / "smoke.yaml"), "--limit", str(LIMIT), "--out", str(run_dir),
-                 "--set", f"models.diffusion={adm}", f"models.victim={victim}",
+                 "--set", f"models.diffusion={adm}", f"models.victim={victim}", f"data.size={SMOKE_SIZE}",
                  "models.victim_arch=imagenet30-resnet50"]) == 0
     records = read_records(run_dir / "results.jsonl")
     defenses = [d["name"] for d in config["defenses"]]
@@ -100,7 +115,7 @@ def test_imagenet30_config_smoke_run(require_shared: Callable[[str], Path], tmp_
     assert all(0 <= r["label"] < 30 and all(0 <= p < 30 for p in r["predictions"]) for r in records)
     assert {len(r["predictions"]) for r in records if r["defense"] == "victim-guided"} == {2}
     purified = load_file(run_dir / "examples" / "victim-guided__pgd-eot.safetensors")["purified"]
-    assert purified.shape == (LIMIT, 3, 256, 256)
+    assert purified.shape == (LIMIT, 3, SMOKE_SIZE, SMOKE_SIZE)
     assert main(["report", str(run_dir)]) == 0
     report = (run_dir / "report.md").read_text()
     assert all(name in report for name in [*defenses, *attacks])

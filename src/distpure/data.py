@@ -192,14 +192,15 @@ def load_imagenet30(root: str | Path, n: int | None = None, seed: int = 0,
 
 
 def load_dataset(name: str, root: str | Path, split: str = "test", n: int | None = None,
-                 seed: int = 0) -> LabelledImages:
-    """Load a dataset by name: ``cifar10``, ``imagenet30`` or ``folder``."""
+                 seed: int = 0, size: int | None = None) -> LabelledImages:
+    """Load a dataset by name: ``cifar10``, ``imagenet30`` or ``folder``; ``size`` resizes the
+    folder datasets (ImageNet-30 defaults to 256)."""
     if name == "cifar10":
         return load_cifar10(root, split=split, n=n, seed=seed)
     if name == "imagenet30":
-        return load_imagenet30(root, n=n, seed=seed)
+        return load_imagenet30(root, n=n, seed=seed, size=size or 256)
     if name == "folder":
-        return load_image_folder(root, n=n, seed=seed)
+        return load_image_folder(root, n=n, seed=seed, size=size)
     raise DataError(f"unknown dataset {name!r}; expected 'cifar10', 'imagenet30' or 'folder'")
 
 

@@ -25,7 +25,8 @@ class DataConfig:
     """``root=None`` means the default data folder (``$DISTPURE_DATA`` or ``../shared/data``).
     The images are the first ``limit`` of the split in a seeded random order, after skipping
     ``start`` of them: ``start: 512`` gives a tuning subset disjoint from a reporting run's
-    ``limit: 512`` (same seed)."""
+    ``limit: 512`` (same seed). ``size`` resizes (shorter side) and centre-crops image folders
+    to ``size`` pixels; ImageNet-30 defaults to 256, a folder to the images' own size."""
 
     dataset: str = "cifar10"
     root: str | None = None
@@ -33,6 +34,7 @@ class DataConfig:
     limit: int | None = 256
     seed: int = 0
     start: int = 0
+    size: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
@@ -40,6 +42,11 @@ class DataConfig:
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
             raise ValueError(f"data.limit must be a whole number of at least 1 (or null for all), "
                              f"got {self.limit!r}")
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int)
+                                      or self.size < 8):
+            raise ValueError(f"data.size must be a whole number of at least 8 pixels (or null), got {self.size!r}")
+        if self.size is not None and self.dataset == "cifar10":
+            raise ValueError("data.size resizes image folders (imagenet30, folder); CIFAR-10 stays 32x32")
 
 
 @dataclass

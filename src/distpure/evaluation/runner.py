@@ -106,7 +106,7 @@ def load_experiment_data(config: ExperimentConfig) -> LabelledImages:
     data_config = config.data
     root = data_config.root or default_data_root() / DEFAULT_DATA_FOLDERS.get(data_config.dataset, "")
     count = None if data_config.limit is None else data_config.start + data_config.limit
-    data = load_dataset(data_config.dataset, root, data_config.split, count, data_config.seed)
+    data = load_dataset(data_config.dataset, root, data_config.split, count, data_config.seed, data_config.size)
     return data.without_first(data_config.start) if data_config.start else data
 
 
