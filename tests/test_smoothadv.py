@@ -233,4 +233,10 @@ def test_the_cli_attacks_and_summarises(run_assets, tmp_path, capsys):
     assert "SmoothAdv on none" in printed and "2 images attacked" in printed and "violations: 0" in printed
     assert main(["certify", str(path), "--out", out, "--summary"]) == 0
     assert "accuracy under attack" in capsys.readouterr().out
-    assert json.loads((tmp_path / "cli" / "attack-summary.json").read_text())["images"] == 2
+    summary = json.loads((tmp_path / "cli" / "attack-summary.json").read_text())
+    assert summary["images"] == 2
+    report = (tmp_path / "cli" / "report.md").read_text()  # the report counts the attack's figures
+    row = next(line for line in report.splitlines() if line.startswith("| none | 2 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[3].startswith(f"{100 * summary['accuracy']['value']:.1f} [")
+    assert cells[4:7] == [str(summary["abstained"]), str(summary["certified_at_epsilon"]), str(summary["violations"])]

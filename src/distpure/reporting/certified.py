@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..attacks.base import parse_epsilon
+from ..certification.attack_run import summarize_attack_run
 from ..certification.config import PAPER_L2_RADIUS, CertifyConfig, SettingConfig, load_certify_config
 from ..certification.runner import certify_records
 from ..certification.statistics import max_certifiable_radius
@@ -108,7 +109,7 @@ def write_certified_report(run_dir: str | Path, config: CertifyConfig | None = N
     summary = run.summary
     lines = [*_run_lines(run, summary), *certified_lines(run, summary), *settings_lines(run, summary),
              *comparison_lines(run, summary, figures, empirical, plot, threat),
-             *caveat_lines(run, rows or [])]
+             *attack_lines(run), *caveat_lines(run, rows or [])]
     run.files.report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return run.files.report
 
@@ -264,6 +265,33 @@ def comparison_lines(run: CertifiedRun, summary: dict, figures: list[ThreatFigur
         *table(["defence", "clean", f"strongest attack, L2 {label}", f"picked, L2 {label}",
                 f"resubmission, L2 {label}"], rows), "",
         f"Certified at L2 {label}: " + _best_at(run, summary, threat) + ".", ""]
+
+
+def attack_lines(run: CertifiedRun) -> list[str]:
+    """*The certificates under attack*: SmoothAdv's accuracy (PREDICT) and the violations it
+    found, or what is still to run; nothing where the config has no attack section."""
+    attack = run.config.attack
+    if attack is None:
+        return []
+    summary = summarize_attack_run(run.config, run.files)
+    label = radius_label(attack.epsilon, run.config)
+    lines = ["## The certificates under attack", "",
+             f"SmoothAdv (L2 PGD on the mean of {attack.m} noise draws' probabilities, exact gradients through "
+             f"the denoiser, {attack.steps} steps, {attack.restarts} restart(s)) at ε = {label} on `{attack.setting}`, "
+             f"each example classified by PREDICT with n = {attack.n} fresh draws (abstaining counts as wrong). "
+             f"A **violation** is an image certified correct at a radius of at least ε whose example PREDICT "
+             f"assigns another class: the certificate or PREDICT erred (each with probability at most α), or the "
+             f"code is wrong. Command: `distpure certify CONFIG --out RUN_DIR --attack`.", ""]
+    if not summary["images"]:
+        return lines + [f"No attack records yet ({summary['waiting']} certified images waiting).", ""]
+    share = summary["accuracy"]
+    rows = [[attack.setting, summary["images"], f"{summary['waiting']}",
+             f"{100 * share['value']:.1f} [{100 * share['low']:.1f}, {100 * share['high']:.1f}]",
+             summary["abstained"], summary["certified_at_epsilon"], summary["violations"],
+             f"{summary['violations_by_chance_at_most']:.2g}", f"{summary['seconds_per_image']:.1f}"]]
+    return lines + [*table(["setting", "images attacked", "waiting", f"accuracy under attack, L2 {label} (%)",
+                            "abstained", f"certified at ≥ {label}", "violations", "by chance (at most)",
+                            "s / image"], rows), ""]
 
 
 def _figure_cell(figure: Figure | None, named: bool = False) -> str:
