@@ -9,7 +9,9 @@ GPU (``scripts/gpu-check`` runs these first on a lent one). They sit well above 
 same precision emulated on a CPU (``cuda_errors(p, device="cpu")`` on an AMD EPYC Zen 3: bf16
 image 2.6e-4, cosine 0.99978, logits 1.0e-5, attack loss 1.5e-5; fp16 3.4e-5, 0.99987, 2.1e-6,
 1.9e-6), leaving room for GPU kernels (fp32 layers such as the victim's convolutions run in TF32
-by default). Certification is not covered: ``distpure.certification`` is not on this branch yet.
+by default). Certification: CERTIFY's class counts through the one-shot and multistep
+denoisers (the draws come from CPU generators, so both devices classify the same noisy images),
+and SmoothAdv's example through the denoiser, on the GPU.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_diffusion, make_tiny_images, make_tiny_victim
 from distpure.attacks.pgd import PGDConfig, eot_loss_and_gradient, pgd
+from distpure.attacks.smoothadv import SmoothAdv, SmoothAdvConfig
 from distpure.benchmarks.resources import measure
+from distpure.certification.denoisers import build_base_classifier
 from distpure.defenses.defended import DefendedClassifier
 from distpure.defenses.purifier import Purifier, PurifierConfig
 from distpure.devices import native_bf16
@@ -163,3 +167,43 @@ def test_checkpointed_gradient_memory_does_not_grow_with_steps_on_gpu():
              for steps, checkpointed in ((10, True), (100, True), (100, False))}
     assert peaks[100, True] <= 1.5 * peaks[10, True], peaks
     assert peaks[100, False] > 3 * peaks[100, True], peaks
+
+
+def smoothed_base_probabilities(device: str, precision: str, kind: str) -> torch.Tensor:
+    """The base classifier's class probabilities behind ``kind`` at σ = 0.25 on 4 noisy copies of
+    each tiny image (noise and the denoiser's own draws from seeded CPU generators)."""
+    base = build_base_classifier(make_tiny_victim().to(device), make_tiny_diffusion().to(device), kind, 0.25,
+                                 steps=2, precision=precision)
+    base.reseed(0)
+    images = _inputs("cpu")[0].repeat(4, 1, 1, 1)
+    noisy = images + 0.25 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return base.probabilities(noisy.to(device)).float().cpu()
+
+
+@pytest.mark.parametrize("kind", ["one-shot", "multistep"])
+@pytest.mark.parametrize("precision", gpu_precisions())
+def test_certification_base_classifier_matches_cpu(precision, kind):
+    """What CERTIFY counts: the denoised draws' log-probabilities agree within the precision's
+    logit tolerance, and so do their classes wherever the CPU's top two are clearly apart."""
+    on_gpu = smoothed_base_probabilities("cuda", precision, kind).log()
+    on_cpu = smoothed_base_probabilities("cpu", "fp32", kind).log()
+    tolerance = TOLERANCES[precision].logits
+    assert (on_gpu - on_cpu).abs().max() <= tolerance
+    top2 = on_cpu.topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 2 * tolerance
+    assert clear.any()
+    assert torch.equal(on_gpu.argmax(-1)[clear], on_cpu.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("precision", gpu_precisions())
+def test_smoothadv_runs_through_the_denoiser_on_gpu(precision):
+    """SmoothAdv's exact gradient through the one-shot denoiser on the GPU: an example on the
+    GPU, in the ball and in the box."""
+    base = build_base_classifier(make_tiny_victim().cuda(), make_tiny_diffusion().cuda(), "one-shot", 0.25,
+                                 precision=precision)
+    images, labels = _inputs("cuda")
+    result = SmoothAdv(SmoothAdvConfig(epsilon=0.5, steps=3, m=4), 0.25).perturb(base, images[:2], labels[:2], seed=0)
+    assert result.examples.device.type == "cuda"
+    assert float((result.examples - images[:2]).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-4
+    assert 0 <= float(result.examples.min()) and float(result.examples.max()) <= 1
