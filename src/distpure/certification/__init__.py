@@ -4,9 +4,8 @@ Randomized smoothing (Cohen, Rosenfeld & Kolter 2019) around a base classifier t
 victim behind a diffusion denoiser (Carlini et al. 2023; DensePure for the voted kind). The
 Python entry point::
 
+    from distpure import load_classifier, load_diffusion
     from distpure.certification import SmoothedClassifier, build_base_classifier
-    from distpure.models.classifiers import load_classifier
-    from distpure.models.diffusion import load_diffusion
 
     victim = load_classifier("cifar10-resnet18")
     diffusion = load_diffusion("cifar10-ddpm-small")
