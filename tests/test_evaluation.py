@@ -1067,7 +1067,7 @@ def test_report_of_a_finished_run(assets, reference_run, capsys):
     # the trade-off: clean against worst case, each defence with its denoiser calls per image
     resolved = json.loads((reference_run / "resolved.json").read_text())
     assert resolved["cost"] == {"none": {"denoiser_calls": 0}, "purified": {"denoiser_calls": 2}}
-    assert "### Trade-off: clean vs worst-case (expected)" in text
+    assert "### Trade-off: clean vs worst case, L∞ 8/255 (expected)" in text
     worst_rows = {r["defense"]: r for r in summary["rows"] if r["attack"] == "worst-case"}
     clean_rows = {r["defense"]: r for r in summary["rows"] if r["attack"] == "clean"}
     for defense, calls in (("none", 0), ("purified", 2)):

@@ -2,7 +2,10 @@
 tables, formatted one way everywhere."""
 from __future__ import annotations
 
-from ..evaluation.config import DefenseConfig
+from ..attacks.suite import AttackConfig
+from ..evaluation.config import DefenseConfig, ExperimentConfig
+from ..evaluation.protocol import threat_group
+from ..evaluation.summary import worst_cases
 
 
 PURIFIER_COLUMNS = ("t_star", "num_steps", "victim_scale", "guidance")
@@ -34,6 +37,16 @@ def threat_label(norm: str, eps: float, frozen: bool) -> str:
     whole number of them), ``, frozen noise`` for the deterministic white-box threat."""
     amount = grey_levels(eps) or f"{eps:g}"
     return f"{NORM_LABELS.get(norm, norm)} {amount}" + (", frozen noise" if frozen else "")
+
+
+def group_key(group: list[AttackConfig]) -> tuple[str, float, bool]:
+    """The (norm, ε, frozen) of a worst case's group (its attacks other than clean)."""
+    return threat_group(next(attack for attack in group if attack.kind != "clean"))
+
+
+def worst_case_titles(config: ExperimentConfig) -> dict[str, str]:
+    """Each worst-case column as a reader names it: ``worst case, L2 128/255``."""
+    return {name: f"worst case, {threat_label(*group_key(group))}" for name, group in worst_cases(config).items()}
 
 
 def threat_model(row: dict) -> str:

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..evaluation.convergence import Curve, curves
-from .markdown import NORM_LABELS, format_eps, plural
+from .markdown import NORM_LABELS, format_eps, plural, worst_case_titles
 from .pareto import dominated, pareto_points
 from .run import Run
 
@@ -93,11 +93,11 @@ def _pareto_plots(run: Run, plot_dir: Path) -> list[tuple[str, Path]]:
         for values, set_limits in (([p[2] for p in points], axes.set_xlim), ([p[1] for p in points], axes.set_ylim)):
             margin = max(2.0, 0.1 * (max(values) - min(values)))
             set_limits(max(-1.0, min(values) - margin), min(101.0, max(values) + margin))
-        axes.set_xlabel(f"{group} accuracy (%)")
+        axes.set_xlabel(f"{worst_case_titles(run.config)[group]} accuracy (%)")
         axes.set_ylabel("clean accuracy (%)")
         axes.grid(alpha=0.3)
         axes.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
-        title = f"Clean vs robust ({group}); legend: denoiser calls per image"
+        title = f"Clean vs robust ({worst_case_titles(run.config)[group]}); legend: denoiser calls per image"
         axes.set_title(title, fontsize="medium")
         path = plot_dir / f"pareto_{group}.png"
         figure.savefig(path, dpi=120)

@@ -11,7 +11,8 @@ from ..evaluation.rundir import RunDirectory
 from ..evaluation.stats import Difference
 from ..evaluation.summary import SCORING_LABELS, interval_text, resubmission_name, worst_cases
 from ..evaluation.timing import time_summary
-from .markdown import NORM_LABELS, duration, format_eps, format_number, settings_text, table, threat_label
+from .markdown import (NORM_LABELS, duration, format_eps, format_number, group_key, settings_text, table,
+                       threat_label, worst_case_titles)
 from .pareto import dominated, pareto_points
 from .run import Run
 
@@ -60,7 +61,7 @@ def _threat_tables(config: ExperimentConfig) -> list[tuple[str, list[tuple[str, 
     for attack in config.attacks:
         if attack.kind != "clean":
             groups.setdefault(threat_group(attack), []).append(attack.name)
-    worst = {_group_key(group): name for name, group in worst_cases(config).items()}
+    worst = {group_key(group): name for name, group in worst_cases(config).items()}
     tables = []
     for key, attacks in groups.items():
         label = threat_label(*key)
@@ -76,11 +77,6 @@ def _accuracy_cell(row: dict) -> str:
     return _scorings_cell(row) + (f" ({format_number(row['paper'])})" if row["paper"] is not None else "")
 
 
-def _group_key(group: list[AttackConfig]) -> tuple[str, float, bool]:
-    """The (norm, ε, frozen) of a worst case's group (its attacks other than clean)."""
-    return threat_group(next(attack for attack in group if attack.kind != "clean"))
-
-
 def selection_lines(run: Run) -> list[str]:
     """*Selection draws*: each worst case's expected accuracy as the attacker picks on more of
     its own draws; a figure still falling at the right end has not settled."""
@@ -92,7 +88,7 @@ def selection_lines(run: Run) -> list[str]:
     for entry in sweep:
         cells.setdefault((entry["defense"], entry["column"]), {})[entry["selection_draws"]] = \
             f"{100 * entry['accuracy']:.1f}"
-    groups = {name: threat_label(*_group_key(group)) for name, group in worst_cases(run.config).items()}
+    groups = {name: threat_label(*group_key(group)) for name, group in worst_cases(run.config).items()}
     rows = [[defense, groups.get(column, column), *(by.get(n, "–") for n in counts)]
             for (defense, column), by in cells.items()]
     return ["### Worst case by the attacker's selection draws (expected %)", "",
@@ -120,7 +116,7 @@ def glance_lines(run: Run) -> list[str]:
                       "–" if strongest is None else f"{strongest['attack']} ({100 * strongest['accuracy']:.1f})"
                       + _status_mark(status.get((defense.name, strongest["attack"])))]
         rows.append([defense.name, *cells])
-    labels = [threat_label(*_group_key(group)) for group in groups.values()]
+    labels = [threat_label(*group_key(group)) for group in groups.values()]
     header = ["defence", *clean, *(h for label in labels for h in (f"worst case, {label}", f"strongest, {label}"))]
     cascade = (" Under the cascade an attack's column also counts the samples earlier attacks of "
                "its group broke in every draw, so this is the attack that finished the job, not one "
@@ -146,7 +142,8 @@ def pareto_lines(run: Run) -> list[str]:
         rows = [[name, f"{clean:.1f}", f"{robust:.1f}", "–" if cost is None else cost,
                  "dominated" if dominated((name, clean, robust, cost), points) else "**front**"]
                 for name, clean, robust, cost in points]
-        lines += [f"### Trade-off: clean vs {group} ({SCORING_LABELS[run.config.evaluation.headline]})", "",
+        title = worst_case_titles(run.config)[group]
+        lines += [f"### Trade-off: clean vs {title} ({SCORING_LABELS[run.config.evaluation.headline]})", "",
                   *table(["defence", "clean %", "worst case %", "denoiser calls / image", "Pareto"], rows), ""]
     return lines
 
