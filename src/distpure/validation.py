@@ -1,6 +1,7 @@
 """Input checks shared by defences and attacks: a clear error before any long work starts."""
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 
 import torch
@@ -46,3 +47,9 @@ def check_whole(setting: str, value: object, least: int) -> None:
     """Refuse a ``value`` of ``setting`` that is not a whole number of at least ``least``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f"{setting} must be a whole number of at least {least}, got {value!r}")
+
+
+def check_positive(setting: str, value: object) -> None:
+    """Refuse a ``value`` of ``setting`` that is not a finite number above 0, naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{setting} must be positive, got {value!r}")

@@ -11,7 +11,7 @@ from ..attacks.smoothadv import SmoothAdvConfig
 from ..config import from_dict, load_yaml, merge
 from ..devices import check_precision
 from ..evaluation.config import DataConfig, ModelsConfig
-from ..validation import check_choice, check_whole
+from ..validation import check_choice, check_positive, check_whole
 from .denoisers import DENOISER_KINDS
 from .statistics import max_certifiable_radius
 
@@ -45,8 +45,7 @@ class SettingConfig:
 
     def __post_init__(self) -> None:
         check_choice("denoiser kind", self.denoiser, DENOISER_KINDS)
-        if not (isinstance(self.sigma, (int, float)) and self.sigma > 0 and math.isfinite(self.sigma)):
-            raise ValueError(f"sigma must be positive (pixel units), got {self.sigma!r}")
+        check_positive("sigma", self.sigma)
         if self.n is not None:
             check_whole("n", self.n, 1)
         check_whole("steps", self.steps, 1)

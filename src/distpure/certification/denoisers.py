@@ -156,12 +156,17 @@ class DenoisedClassifier(nn.Module):
         if reseed is not None:
             reseed(seed)
 
+    def denoise(self, noisy: torch.Tensor) -> torch.Tensor:
+        """One denoising of the noisy images, clamped to [0, 1]: what the victim sees (the noisy
+        images themselves without a denoiser); also the batches a fine-tuned victim trains on."""
+        if self.denoiser is None:
+            return noisy
+        return self.denoiser(noisy).clamp(0.0, 1.0)
+
     def vote_logits(self, noisy: torch.Tensor) -> torch.Tensor:
         """The victim's logits on each of the ``votes`` denoisings of every image (N x votes x K),
         differentiable (gradients through the denoiser are exact)."""
-        if self.denoiser is None:
-            return self.victim(noisy).unsqueeze(1)
-        return torch.stack([self.victim(self.denoiser(noisy).clamp(0.0, 1.0)) for _ in range(self.votes)], dim=1)
+        return torch.stack([self.victim(self.denoise(noisy)) for _ in range(self.votes)], dim=1)
 
     def probabilities(self, noisy: torch.Tensor) -> torch.Tensor:
         """The victim's softmax, averaged over the votes (a smooth stand-in for their majority)."""

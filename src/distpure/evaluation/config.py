@@ -14,6 +14,7 @@ from ..defenses.preprocessing import build_preprocessing
 from ..defenses.purifier import PurifierConfig
 from ..defenses.recommended import recommended_purifier_config
 from ..devices import check_precision
+from ..models.classifiers import check_arch
 from ..validation import check_choice
 from .protocol import SCORINGS
 
@@ -53,13 +54,17 @@ class DataConfig:
 class ModelsConfig:
     """The victim and the diffusion model: names (registered, ``timm:<model>``,
     ``robustbench:<zoo model>``, your ``package.module:callable``) or local paths.
-    ``victim_options`` are the victim builder's keywords (RobustBench: ``dataset``,
-    ``threat_model``, ``model_dir``)."""
+    ``victim_arch``: the architecture (a classifier name) that a weights file in ``victim``
+    loads into, e.g. a fine-tuned ``cifar10-resnet18``. ``victim_options`` are the victim
+    builder's keywords (RobustBench: ``dataset``, ``threat_model``, ``model_dir``)."""
 
     victim: str = "cifar10-resnet18"
     victim_arch: str | None = None
     victim_options: dict = field(default_factory=dict)
     diffusion: str = "cifar10-ddpm-small"
+
+    def __post_init__(self) -> None:
+        check_arch("models.victim_arch", self.victim_arch)
 
 
 @dataclass
@@ -94,6 +99,7 @@ class DefenseConfig:
         if self.purifier.get("frozen_noise"):
             raise ValueError("frozen_noise is a threat model: set it on the attacks (attack.frozen_noise), "
                              "which fix one draw per sample shared by attacker and scorer")
+        check_arch("classifier_arch", self.classifier_arch)
         if self.kind == "classifier" and not self.classifier:
             raise ValueError("kind 'classifier' needs 'classifier' (the model that replaces the victim)")
         if self.kind == "preprocessing":

@@ -141,9 +141,16 @@ PREFIXED_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     TIMM_PREFIX: timm_classifier, ROBUSTBENCH_PREFIX: robustbench_classifier}
 
 
-def _is_classifier_name(name: str) -> bool:
+def is_classifier_name(name: str) -> bool:
     """Whether ``name`` is a registered classifier, a prefixed zoo name or a ``module:callable``."""
     return name in CLASSIFIERS or name.startswith(tuple(PREFIXED_BUILDERS)) or is_callable_spec(name)
+
+
+def check_arch(setting: str, arch: str | None) -> None:
+    """Refuse an ``arch`` (the architecture a weights file loads into) that names no classifier."""
+    if arch is not None and not (isinstance(arch, str) and is_classifier_name(arch)):
+        raise ValueError(f"unknown {setting} {arch!r}; expected one of {', '.join(CLASSIFIERS.names())}, "
+                         f"or {NAME_FORMS}")
 
 
 def _build(name: str, weights: str | Path | None, options: dict[str, Any]) -> nn.Module:
@@ -171,7 +178,7 @@ def load_classifier(name_or_path: str | Path, arch: str | None = None,
     arch="timm:resnet18")`` loads local weights into an architecture.
     """
     name = str(name_or_path)
-    if _is_classifier_name(name):
+    if is_classifier_name(name):
         model = _build(name, weights, options)
     elif arch is not None:
         model = _build(arch, Path(name), options)

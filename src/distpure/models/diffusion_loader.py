@@ -49,12 +49,29 @@ def load_diffusion(name_or_path: str | Path) -> NoisePredictor:
     return _from_hub(name)
 
 
+def check_diffusion_name(name: str) -> None:
+    """Refuse a ``name`` that ``load_diffusion`` could never take, checked without loading
+    anything: it takes a registered model, a ``module:callable``, an existing path or a hub id."""
+    if not (name in DIFFUSION_MODELS or is_callable_spec(name) or Path(name).expanduser().exists()
+            or _is_hub_id(name)):
+        raise ValueError(f"unknown diffusion model: {_unknown(name)}")
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a model hub id, ``owner/name``."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
+def _unknown(name: str) -> str:
+    """Why ``load_diffusion`` cannot take ``name``: what it takes instead."""
+    return (f"{name!r} is neither a registered model ({', '.join(DIFFUSION_MODELS.names())}), "
+            "an existing local path, a package.module:callable, nor a hub id of the form 'owner/name'")
+
+
 def _from_hub(repo_id: str) -> DiffusionModel:
     """Download a diffusers repository (e.g. ``google/ddpm-cifar10-32``) and load it."""
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise FileNotFoundError(
-            f"{repo_id!r} is neither a registered model ({', '.join(DIFFUSION_MODELS.names())}), "
-            "an existing local path, a package.module:callable, nor a hub id of the form 'owner/name'")
+    if not _is_hub_id(repo_id):
+        raise FileNotFoundError(_unknown(repo_id))
     from huggingface_hub import snapshot_download
 
     try:

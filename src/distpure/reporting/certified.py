@@ -26,7 +26,7 @@ from ..evaluation.rundir import RunDirectory
 from ..evaluation.runner import load_experiment_data
 from .certified_plot import certified_curves, certified_plot, curve_radii
 from .empirical import HONEST_RUN, Figure, ThreatFigures, read_rows, threat_figures, threats
-from .markdown import duration, grey_levels, table
+from .markdown import duration, grey_levels, table, victim_text
 from .report import json_ready
 
 PLOT_FILE = "certified_accuracy.png"
@@ -156,7 +156,7 @@ def _run_lines(run: CertifiedRun, summary: dict) -> list[str]:
         "## Run", "",
         f"- data: {data.dataset} {data.split}, the first {data.limit} images of the order drawn with "
         f"seed {data.seed}" if data.limit is not None else f"- data: {data.dataset} {data.split}, every image",
-        f"- models: victim `{models.victim}`, diffusion `{models.diffusion}`",
+        f"- models: {victim_text(models)}, diffusion `{models.diffusion}`",
         f"- CERTIFY (Cohen et al. 2019): n0 = {config.n0} selection draws, n estimation draws per setting, "
         f"α = {config.alpha:g}, {config.batch_size} draws per call; skip_wrong {config.skip_wrong}, "
         f"curtail {config.curtail}; seed {config.seed}",

@@ -1,9 +1,9 @@
-"""Text for the report: numbers, ε, threat models, durations, defence settings and Markdown
-tables, formatted one way everywhere."""
+"""Text for the report: numbers, ε, threat models, durations, the victim, defence settings and
+Markdown tables, formatted one way everywhere."""
 from __future__ import annotations
 
 from ..attacks.suite import AttackConfig
-from ..evaluation.config import DefenseConfig, ExperimentConfig
+from ..evaluation.config import DefenseConfig, ExperimentConfig, ModelsConfig
 from ..evaluation.protocol import threat_group
 from ..evaluation.summary import worst_cases
 
@@ -88,6 +88,14 @@ def settings_text(settings: dict, spec: DefenseConfig) -> str:
     else:
         text = "no defence"
     return text + (f", votes={spec.votes}" if spec.votes > 1 else "")
+
+
+def victim_text(models: ModelsConfig) -> str:
+    """The victim as a report names it: its name, or its weights file and the architecture they
+    load into (a fine-tuned victim is its weights, not the architecture's own)."""
+    if models.victim_arch is None:
+        return f"victim `{models.victim}`"
+    return f"victim `{models.victim_arch}` with the weights `{models.victim}`"
 
 
 def duration(seconds: float | None) -> str:

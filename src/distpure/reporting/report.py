@@ -16,7 +16,7 @@ from ..evaluation.rundir import RunDirectory
 from ..evaluation.summary import worst_cases
 from ..evaluation.timing import time_summary
 from .grids import image_grid
-from .markdown import duration, settings_text, threat_model
+from .markdown import duration, settings_text, threat_model, victim_text
 from .plots import accuracy_plots, convergence_plots
 from .results_csv import write_csv
 from .run import Run
@@ -128,7 +128,7 @@ def _run_lines(run: Run) -> list[str]:
                     f"- samples: {run.samples} ({data.dataset} {data.split}, limit {data.limit}); "
                     f"batch size {config.batch_size}",
                     f"- samples per class (label: count): {_class_counts_text(run.samples_per_class)}",
-                    f"- models: victim `{config.models.victim}`, diffusion "
+                    f"- models: {victim_text(config.models)}, diffusion "
                     + (", ".join(f"`{name}`" for name in sorted({s["diffusion"] for s in run.settings.values() if s}))
                        or "none"), ""]
 
