@@ -324,10 +324,51 @@ def test_a_small_sigma_may_state_its_smaller_reach(tmp_path):
         load_certify_config(_config(tmp_path, setting={"sigma": 0.12, "n": 2000, "reach": 0.33}))
 
 
-def test_the_committed_config_is_valid():
-    config = load_certify_config(Path(__file__).resolve().parents[1] / "configs" / "cifar10-certify.yaml")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+COMMITTED = sorted(CONFIGS.glob("*-certify*.yaml"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda path: path.name)
+def test_the_committed_configs_are_valid(path):
+    config = load_certify_config(path)
     assert config.alpha == 0.001 and config.n0 == 100
-    assert {s.sigma for s in config.settings if s.denoiser == "one-shot"} == {0.12, 0.25, 0.5}
+
+
+def test_the_headline_and_fine_tuned_configs_are_committed_and_certify_alike():
+    """The fine-tuned row certifies the headline's images as the headline does, with the fine-tuned
+    weights in the headline victim's architecture, at the headline's one-shot σ 0.25 setting."""
+    assert {path.name for path in COMMITTED} >= {"cifar10-certify.yaml", "cifar10-certify-finetuned.yaml"}
+    headline = load_certify_config(CONFIGS / "cifar10-certify.yaml")
+    tuned = load_certify_config(CONFIGS / "cifar10-certify-finetuned.yaml")
+    assert {s.sigma for s in headline.settings if s.denoiser == "one-shot"} == {0.12, 0.25, 0.5}
+    for key in ("data", "n0", "alpha", "radii", "seed", "batch_size", "skip_wrong", "curtail"):
+        assert getattr(tuned, key) == getattr(headline, key), key
+    assert (tuned.models.victim, tuned.models.victim_arch) == ("runs/cifar10-resnet18-denoised/model.safetensors",
+                                                               headline.models.victim)
+    (setting,) = tuned.settings
+    assert (setting.name, setting.denoiser, setting.sigma, tuned.draws(setting)) == \
+        ("one-shot-0.25-finetuned", "one-shot", 0.25, 2000)
+    ours, theirs = vars(tuned.attack), vars(headline.attack)
+    assert {**ours, "setting": None} == {**theirs, "setting": None} and ours["setting"] == setting.name
+
+
+def test_a_victim_architecture_is_checked_when_read(tmp_path):
+    with pytest.raises(ValueError, match="unknown models.victim_arch 'resnet-99'"):
+        load_certify_config(_config(tmp_path, models={"victim": "weights.safetensors", "victim_arch": "resnet-99"}))
+
+
+def test_a_weights_file_victim_is_loaded_into_its_architecture(tmp_path):
+    """A fine-tuned victim: the weights file, not the architecture's own weights, in that architecture."""
+    from distpure.models.classifiers import CLASSIFIERS
+    from distpure.models.weights import save_state_dict
+
+    torch.manual_seed(4)
+    tuned = CLASSIFIERS.build("cifar10-small-resnet")
+    save_state_dict(tuned, tmp_path / "tuned.safetensors")
+    models = {"victim": str(tmp_path / "tuned.safetensors"), "victim_arch": "cifar10-small-resnet"}
+    config = load_certify_config(_config(tmp_path, models=models, setting={"denoiser": "none"}))
+    victim, diffusion = runner_module.load_models(config, torch.device("cpu"))
+    assert diffusion is None and all(torch.equal(victim.state_dict()[k], v) for k, v in tuned.state_dict().items())
 
 
 # ----------------------------------------------------------------------------- runs

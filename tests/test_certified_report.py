@@ -157,3 +157,19 @@ def test_distpure_report_recognises_a_certification_run(run_dir: Path, tmp_path:
     summary = json.loads(capsys.readouterr().out)
     assert summary["settings"]["c"]["certified"]["0"]["value"] is None  # no records: null, not NaN
     assert summary["settings"]["a"]["certified"]["0.25"]["correct"] == 2
+
+
+def test_the_run_section_labels_the_fine_tuned_victim(run_dir: Path, tmp_path: Path) -> None:
+    """A named victim shows as its name; the committed fine-tuned config's victim, a weights file,
+    as its architecture with those weights, under a description that says fine-tuned."""
+    absent = tmp_path / "absent"
+    named = write_certified_report(run_dir, empirical=absent).read_text()
+    assert "- models: victim `cifar10-resnet18`, diffusion" in named
+    committed = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "cifar10-certify-finetuned.yaml")
+                               .read_text())
+    config = {**CONFIG, "models": committed["models"], "description": committed["description"]}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    report = write_certified_report(run_dir, empirical=absent).read_text()
+    assert ("- models: victim `cifar10-resnet18` with the weights `runs/cifar10-resnet18-denoised/model.safetensors`, "
+            "diffusion `cifar10-ddpm-small`") in report
+    assert report.startswith("# synthetic: certified L2 accuracy\n\nThe fine-tuned victim (a separate, labelled row;")

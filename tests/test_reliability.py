@@ -551,10 +551,111 @@ def test_killed_diffusion_training_resumes_bit_identically(tmp_path, train_data)
         "steps=12", "checkpoint_every=3", "channels=[32,32]", "batch_size=4", "max_timestep=50")
 
 
-def test_killed_classifier_training_resumes_bit_identically(tmp_path, train_data):
+@pytest.fixture(scope="module")
+def denoising_models(tmp_path_factory) -> SimpleNamespace:
+    """A saved tiny diffusion model to denoise with, and saved small-ResNet weights to start from."""
+    root = tmp_path_factory.mktemp("denoising-models")
+    make_tiny_diffusion().save_pretrained(root / "diffusion")
+    torch.manual_seed(3)
+    save_state_dict(load_classifier("cifar10-small-resnet"), root / "init.safetensors")
+    return SimpleNamespace(diffusion=root / "diffusion", init=root / "init.safetensors")
+
+
+@pytest.mark.parametrize("training", ["pgd", "denoised"])
+def test_killed_classifier_training_resumes_bit_identically(tmp_path, train_data, denoising_models, training):
+    """PGD training, and training on denoised batches from initial weights (the fine-tuned
+    victim's: the checkpoint, not ``init``, must win on resuming)."""
+    settings = {"pgd": ["attack_steps=1"],
+                "denoised": ["adversarial=none", "denoise_sigma=0.25", f"diffusion={denoising_models.diffusion}",
+                             f"init={denoising_models.init}"]}[training]
     _killed_run_matches_uninterrupted(
         tmp_path, "train-classifier", train_data, 8, "model.safetensors",
-        "arch=cifar10-small-resnet", "steps=8", "checkpoint_every=2", "batch_size=8", "attack_steps=1")
+        "arch=cifar10-small-resnet", "steps=8", "checkpoint_every=2", "batch_size=8", *settings)
+
+
+def _denoising_config(tmp_path: Path, data: Path, diffusion: Path, **settings) -> ClassifierTrainingConfig:
+    from distpure.training.classifier import ClassifierTrainingConfig
+
+    return ClassifierTrainingConfig(data_root=str(data), output_dir=str(tmp_path / "run"), device="cpu",
+                                    arch="cifar10-small-resnet", adversarial="none", denoise_sigma=0.25,
+                                    diffusion=str(diffusion), batch_size=4, **settings)
+
+
+def test_denoised_batches_are_the_certification_one_shot_denoisings(tmp_path, train_data, denoising_models):
+    """A training batch is the clean batch plus N(0, σ²) noise, denoised exactly as certify's
+    one-shot base classifier denoises the same draw, without gradient."""
+    from distpure.certification.denoisers import build_base_classifier
+    from distpure.training.classifier import denoised_batch, denoising_classifier, initial_model
+
+    config = _denoising_config(tmp_path, train_data, denoising_models.diffusion)
+    model = initial_model(config)
+    clean = make_tiny_images(4, seed=2)
+    torch.manual_seed(11)
+    batch = denoised_batch(denoising_classifier(config, model, torch.device("cpu")), clean, 0.25)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(11)) * 0.25
+    certifying = build_base_classifier(make_tiny_victim(), load_diffusion(denoising_models.diffusion), "one-shot", 0.25)
+    with torch.no_grad():
+        expected = certifying.denoiser(clean + noise).clamp(0.0, 1.0)
+    assert torch.equal(batch, expected)
+    assert (batch - clean).abs().mean() > 0.05 and not batch.requires_grad
+
+
+def test_denoised_training_trains_on_denoised_batches(tmp_path, train_data, denoising_models, monkeypatch):
+    """Every step's batch goes through ``denoised_batch``, and the model learns from its output."""
+    from distpure.training import classifier
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = classifier.denoised_batch
+
+    def spy(base, images, sigma):
+        seen.append((images, original(base, images, sigma)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(classifier, "denoised_batch", spy)
+    classifier.train_classifier(_denoising_config(tmp_path, train_data, denoising_models.diffusion, steps=2))
+    assert len(seen) == 2 and all(not torch.equal(clean, denoised) for clean, denoised in seen)
+
+
+@pytest.mark.parametrize("init", ["file", "registered"])
+def test_classifier_training_starts_from_init_weights(tmp_path, train_data, denoising_models, init):
+    """``init`` (a weights file, or a registered classifier's own weights) is where training
+    starts: with no step taken, the exported model is those weights (as float16)."""
+    from distpure.training.classifier import ClassifierTrainingConfig, train_classifier
+
+    name = str(denoising_models.init) if init == "file" else "cifar10-small-resnet-at"
+    config = ClassifierTrainingConfig(data_root=str(train_data), output_dir=str(tmp_path / "tuned"), device="cpu",
+                                      arch="cifar10-small-resnet", init=name, steps=0)
+    exported = load_file(train_classifier(config))
+    original = load_classifier(name, arch="cifar10-small-resnet").state_dict()
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k].half()) for k in original)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"denoise_sigma": 0}, "denoise_sigma must be positive, got 0"),
+    ({"denoise_sigma": -0.25}, "denoise_sigma must be positive, got -0.25"),
+    ({"denoise_sigma": 0.25, "adversarial": "pgd"}, "set adversarial to 'none', got 'pgd'"),
+    ({"init": "runs/missing/model.safetensors"}, "init 'runs/missing/model.safetensors' is neither a registered"),
+    ({"diffusion": "cifar10-ddpm-large"}, "unknown diffusion model: 'cifar10-ddpm-large'"),
+])
+def test_bad_classifier_training_settings_are_refused_when_read(settings, message):
+    from distpure.config import from_dict
+    from distpure.training.classifier import ClassifierTrainingConfig
+
+    with pytest.raises(ValueError, match=message):
+        from_dict(ClassifierTrainingConfig, {"adversarial": "none", **settings})
+
+
+def test_the_committed_denoised_training_config_fine_tunes_the_off_the_shelf_victim():
+    from distpure.config import from_dict, load_yaml
+    from distpure.training.classifier import ClassifierTrainingConfig
+
+    root = Path(__file__).resolve().parents[1]
+    values = load_yaml(root / "configs" / "training" / "cifar10-resnet18-denoised.yaml")
+    config = from_dict(ClassifierTrainingConfig, values)
+    assert (config.arch, config.init, config.adversarial, config.denoise_sigma) == \
+        ("cifar10-resnet18", "cifar10-resnet18", "none", 0.25)
+    assert config.output_dir == "runs/cifar10-resnet18-denoised"
 
 
 def test_diffusion_training_fine_tunes_from_a_trained_model(tmp_path, train_data):
