@@ -343,7 +343,7 @@ def test_the_headline_and_fine_tuned_configs_are_committed_and_certify_alike():
     assert {s.sigma for s in headline.settings if s.denoiser == "one-shot"} == {0.12, 0.25, 0.5}
     for key in ("data", "n0", "alpha", "radii", "seed", "batch_size", "skip_wrong", "curtail"):
         assert getattr(tuned, key) == getattr(headline, key), key
-    assert (tuned.models.victim, tuned.models.victim_arch) == ("runs/cifar10-resnet18-denoised/model.safetensors",
+    assert (tuned.models.victim, tuned.models.victim_arch) == ("results/cifar10-resnet18-denoised/model.safetensors",
                                                                headline.models.victim)
     (setting,) = tuned.settings
     assert (setting.name, setting.denoiser, setting.sigma, tuned.draws(setting)) == \

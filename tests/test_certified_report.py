@@ -170,6 +170,6 @@ def test_the_run_section_labels_the_fine_tuned_victim(run_dir: Path, tmp_path: P
     config = {**CONFIG, "models": committed["models"], "description": committed["description"]}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     report = write_certified_report(run_dir, empirical=absent).read_text()
-    assert ("- models: victim `cifar10-resnet18` with the weights `runs/cifar10-resnet18-denoised/model.safetensors`, "
+    assert ("- models: victim `cifar10-resnet18` with the weights `results/cifar10-resnet18-denoised/model.safetensors`, "
             "diffusion `cifar10-ddpm-small`") in report
     assert report.startswith("# synthetic: certified L2 accuracy\n\nThe fine-tuned victim (a separate, labelled row;")

@@ -655,7 +655,7 @@ def test_the_committed_denoised_training_config_fine_tunes_the_off_the_shelf_vic
     config = from_dict(ClassifierTrainingConfig, values)
     assert (config.arch, config.init, config.adversarial, config.denoise_sigma) == \
         ("cifar10-resnet18", "cifar10-resnet18", "none", 0.25)
-    assert config.output_dir == "runs/cifar10-resnet18-denoised"
+    assert config.output_dir == "results/cifar10-resnet18-denoised"
 
 
 def test_diffusion_training_fine_tunes_from_a_trained_model(tmp_path, train_data):
