@@ -78,7 +78,8 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run directory (default: runs/<experiment name>)")
     parser.add_argument("--new-resumption", action="store_true",
                         help="resume records made by another distpure version or resolved precision, "
-                             "this session's records kept apart in the report")
+                             "this session's records kept apart in the report; and drop cascade skips "
+                             "that no longer hold (after distpure rescore), rerunning their attacks")
     _overrides_argument(parser)
 
 
@@ -91,6 +92,27 @@ def _evaluate(args: argparse.Namespace) -> int:
         overrides = merge(overrides, {"data": {"limit": args.limit}})
     config = load_experiment(args.config, overrides)
     return _run_and_print(config, args.out or f"runs/{config.name}", args.new_resumption)
+
+
+def _rescore_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory written by distpure evaluate")
+    parser.add_argument("--selection-draws", type=int, metavar="N",
+                        help="selection draws per example (default: the run's evaluation.selection_draws)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run no model and write nothing: count the records and purifications and "
+                             "estimate the time from the run's own timings")
+    parser.add_argument("--any-precision", action="store_true",
+                        help="rescore where this machine resolves another precision than the records "
+                             "(those records and sessions.jsonl say so)")
+
+
+@command("rescore", "give a run's records the attacker's selection draws from its kept examples "
+         "(runs from before selection draws); resumable", _rescore_arguments)
+def _rescore(args: argparse.Namespace) -> int:
+    from ..evaluation.rescore import rescore
+
+    print(rescore(args.run_dir, args.selection_draws, args.dry_run, args.any_precision))
+    return 0
 
 
 def _certify_arguments(parser: argparse.ArgumentParser) -> None:

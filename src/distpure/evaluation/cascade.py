@@ -9,19 +9,25 @@ has none, so the pick, and with it the worst case over the group, is the same as
 cascade. (A sample wrong in only some draws is attacked again: skipping it would stop later
 attacks from lowering its expected or majority score.) Runs recorded before selection draws
 chose on all R scoring draws; their records read as the first half selecting, and 0 of R
-implies 0 of the first half, so their skips still hold. Each attack's own row then counts the samples an earlier
-attack broke as broken too, so it reads "this attack, after the earlier ones"; it is not a
-running minimum (a later attack may do less damage than an earlier one on the samples it
-attacks), which is what the worst-case row is.
+implies 0 of the first half, so their skips still hold, until ``rescore`` gives the breaking
+records selection draws of their own: a skip whose breaking record then no longer breaks the
+sample is stale (``skip_problem``), which the summary refuses and ``evaluate --new-resumption``
+reruns. Each attack's own row counts the samples an earlier attack broke as broken too, so it
+reads "this attack, after the earlier ones"; it is not a running minimum (a later attack may do
+less damage than an earlier one on the samples it attacks), which is what the worst-case row is.
 """
 from __future__ import annotations
 
-from typing import Mapping
+import logging
+from pathlib import Path
+from typing import Iterable, Mapping
 
 from ..attacks.suite import AttackConfig
 from .config import ExperimentConfig
 from .protocol import attacker_estimate, threat_group
-from .records import Key
+from .records import Key, record_key
+
+_LOG = logging.getLogger("distpure")
 
 
 def cascade_sources(config: ExperimentConfig, attack: AttackConfig) -> list[AttackConfig]:
@@ -49,26 +55,58 @@ def breaks(record: dict) -> bool:
     return attacker_estimate(record) == 0.0
 
 
+def skip_problem(record: dict, records: Mapping[Key, dict], config: ExperimentConfig) -> str | None:
+    """Why a skipped record's skip no longer holds, or None where it holds (or the record is no
+    skip): its breaking record (``skipped_by``) must exist, be a source of its attack, break the
+    sample and hold the draws the skip copied (one rerun, rescored or edited since would not)."""
+    if "skipped_by" not in record:
+        return None
+    breaker = record["skipped_by"]
+    source = records.get((int(record["index"]), record["defense"], breaker))
+    if source is None:
+        return f"was skipped as broken by {breaker!r}, whose record is missing"
+    attack = next((a for a in config.attacks if a.name == record["attack"]), None)
+    if attack is not None and breaker not in [a.name for a in cascade_sources(config, attack)]:
+        return f"was skipped as broken by {breaker!r}, which is not an earlier attack of its threat group"
+    if not breaks(source) or any(record.get(f) != source.get(f) for f in COPIED_FIELDS):
+        return (f"was skipped as broken by {breaker!r}, whose record no longer breaks it the same way "
+                "(rerun, rescored or edited since)")
+    return None
+
+
+def stale_skips(keys: Iterable[Key], records: Mapping[Key, dict], config: ExperimentConfig) -> list[Key]:
+    """The keys among ``keys`` whose record is a skip that no longer holds (see ``skip_problem``)."""
+    return [key for key in keys if key in records and skip_problem(records[key], records, config) is not None]
+
+
+def stale_skips_text(stale: list[Key], records: Mapping[Key, dict], config: ExperimentConfig) -> str:
+    """``2 cascade skip(s) no longer hold, e.g. record 3 (d / pgd) was skipped as ...``, for a message."""
+    index, defense, attack = stale[0]
+    return (f"{len(stale)} cascade skip(s) no longer hold (after distpure rescore, a rerun or an edit), e.g. "
+            f"record {index} ({defense} / {attack}) {skip_problem(records[stale[0]], records, config)}")
+
+
+def drop_stale_skips(where: Path, config: ExperimentConfig, records: dict[Key, dict], keys: Iterable[Key],
+                     refuse: bool) -> None:
+    """Forget the skips among ``keys`` that no longer hold, so that their units run again; with
+    ``refuse`` (a resume without ``--new-resumption``) refuse them instead, named."""
+    stale = stale_skips(keys, records, config)
+    if stale and refuse:
+        raise ValueError(f"{where}: {stale_skips_text(stale, records, config)}: pass --new-resumption "
+                         "to drop them and rerun those attacks")
+    if stale:
+        _LOG.info("rerunning the attacks of %s", stale_skips_text(stale, records, config))
+    for key in stale:
+        del records[key]
+
+
 def check_skips(records: list[dict], config: ExperimentConfig) -> None:
-    """Refuse records whose cascade skips no longer hold: each skipped record's breaking record
-    (``skipped_by``) must exist, be a source of its attack, break the sample and hold the draws
-    the skip copied (a breaking record rerun or edited since would leave the skip stale)."""
-    by_key = {(int(r["index"]), r["defense"], r["attack"]): r for r in records}
-    attacks = {a.name: a for a in config.attacks}
-    for record in records:
-        if "skipped_by" not in record:
-            continue
-        where = f"record {record['index']} ({record['defense']} / {record['attack']})"
-        source = by_key.get((int(record["index"]), record["defense"], record["skipped_by"]))
-        if source is None:
-            raise ValueError(f"{where} was skipped as broken by {record['skipped_by']!r}, whose record is missing")
-        attack = attacks.get(record["attack"])
-        if attack is not None and record["skipped_by"] not in [a.name for a in cascade_sources(config, attack)]:
-            raise ValueError(f"{where} was skipped as broken by {record['skipped_by']!r}, "
-                             "which is not an earlier attack of its threat group")
-        if not breaks(source) or any(record.get(f) != source.get(f) for f in COPIED_FIELDS):
-            raise ValueError(f"{where} was skipped as broken by {record['skipped_by']!r}, whose record "
-                             "no longer breaks it the same way (rerun or edited since): rerun the skipped attack")
+    """Refuse records whose cascade skips no longer hold (see ``skip_problem``)."""
+    by_key = {record_key(r): r for r in records}
+    stale = stale_skips(by_key, by_key, config)
+    if stale:
+        raise ValueError(f"{stale_skips_text(stale, by_key, config)}: rerun the skipped attacks (distpure "
+                         "evaluate CONFIG --out RUN_DIR --new-resumption drops the stale skips and reruns them)")
 
 
 #: what a skipped record copies of its breaking record, and must still match

@@ -68,6 +68,12 @@ def scorers(defense: DefendedClassifier, draws: int, seed: int, frozen: Defended
     return [defense.with_noise_stream(derive_seed(seed, "score", draw)) for draw in range(draws)]
 
 
+def selection_stream(seed: int) -> int:
+    """The noise stream of a unit's selection draws (the attacker's queries), apart from the
+    stream ``seed`` of its scoring draws: the same for a new run and a rescored one."""
+    return derive_seed(seed, "selection")
+
+
 @torch.no_grad()
 def predict_draws(models: list[DefendedClassifier], images: torch.Tensor) -> list[list[int]]:
     """Per sample, the class each scoring model predicts (a sample's list of R predictions)."""

@@ -13,7 +13,7 @@ from ..config import dump_yaml, from_dict
 from ..defenses.defended import DefendedClassifier
 from ..defenses.purifier import PurifierConfig
 from .config import PRESENTATION_FIELDS, EvaluationConfig, ExperimentConfig, load_experiment
-from .rundir import RunDirectory
+from .rundir import RunDirectory, evaluation_sessions
 
 _LOG = logging.getLogger("distpure")
 
@@ -77,7 +77,8 @@ def _through_dataclasses(settings: dict) -> dict:
     return settings
 
 
-def _stored_experiment(files: RunDirectory) -> ExperimentConfig:
+def stored_experiment(files: RunDirectory) -> ExperimentConfig:
+    """The experiment a run directory holds (``config.yaml``), read through today's dataclasses."""
     try:
         return load_experiment(files.config)
     except ValueError as error:
@@ -130,7 +131,7 @@ def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict)
     new_attacks: list[str] = []
     new_defenses: list[str] = []
     if files.config.is_file():  # read through today's dataclasses: a new setting's default is no change
-        stored, current = (_recorded_settings(asdict(c)) for c in (_stored_experiment(files), config))
+        stored, current = (_recorded_settings(asdict(c)) for c in (stored_experiment(files), config))
         new_defenses = appended(stored, current, "defenses")
         current = {**current, "attacks": _without_defenses(current["attacks"], new_defenses)}
         new_attacks = appended(stored, current, "attacks")
@@ -151,19 +152,24 @@ def claim_run_dir(files: RunDirectory, config: ExperimentConfig, resolved: dict)
                       current["data"]["limit"] or "all")
         if new_defenses or new_attacks or grown:  # a finished run is unfinished until the new records exist
             files.summary.unlink(missing_ok=True)
-    if files.resolved.is_file():
-        stored = _through_dataclasses(json.loads(files.resolved.read_text())["settings"])
-        settings = resolved["settings"]
-        current_settings = {**settings, "attacks": _omit(settings["attacks"], new_attacks),
-                            "defenses": _omit(settings["defenses"], new_defenses)}
-        changed = differences(stored, current_settings)
-        if changed:
-            raise ValueError(f"{files.root} was run with other settings than this version resolves "
-                             f"({'; '.join(changed[:8])}); resuming would mix two defences in one "
-                             "results file: finish it with the version that started it, or use "
-                             "another --out directory")
+    settings = resolved["settings"]
+    changed = resolved_changes(files, {**settings, "attacks": _omit(settings["attacks"], new_attacks),
+                                       "defenses": _omit(settings["defenses"], new_defenses)})
+    if changed:
+        raise ValueError(f"{files.root} was run with other settings than this version resolves "
+                         f"({'; '.join(changed[:8])}); resuming would mix two defences in one "
+                         "results file: finish it with the version that started it, or use "
+                         "another --out directory")
     files.config.write_text(dump_yaml(asdict(config)))
     files.resolved.write_text(json.dumps(resolved, indent=2, sort_keys=True))
+
+
+def resolved_changes(files: RunDirectory, settings: dict) -> list[str]:
+    """How ``settings`` (``resolved_settings(...)["settings"]``) differ from those the run stored in
+    ``resolved.json``, read through today's dataclasses (none where it stored none)."""
+    if not files.resolved.is_file():
+        return []
+    return differences(_through_dataclasses(json.loads(files.resolved.read_text())["settings"]), settings)
 
 
 #: what makes records comparable across sessions: the code that scored them and its precision
@@ -182,9 +188,9 @@ def record_stamp(record: dict, legacy: dict) -> tuple[str, str]:
 
 def legacy_stamp(files: RunDirectory) -> dict:
     """The stamp of records written before records carried one: the version in ``resolved.json``
-    and the resolved precision of the run's last session."""
+    and the resolved precision of the run's last ``evaluate`` session."""
     version = json.loads(files.resolved.read_text()).get("distpure") if files.resolved.is_file() else None
-    sessions = [json.loads(line) for line in files.sessions.read_text().splitlines()] if files.sessions.is_file() else []
+    sessions = evaluation_sessions(files.read_sessions())
     precision = sessions[-1].get("hardware", {}).get("resolved_precision") if sessions else None
     return {"distpure": version, "precision": precision}
 

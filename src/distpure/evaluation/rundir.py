@@ -10,7 +10,8 @@
 - ``timings.jsonl``: each (defence, attack, batch) unit's wall time and how many samples it
   attacked (see ``timing``);
 - ``sessions.jsonl``: when each (resumed) session of the run started, and on what hardware and
-  resolved precision (a long run may be resumed on other machines);
+  resolved precision (a long run may be resumed on other machines); a ``distpure rescore``
+  session's line also holds its settings under ``rescore``;
 - ``metadata.json``, ``summary.json``: written when the run finishes;
 - ``examples/<defence>__<attack>.safetensors``: a few clean / adversarial / purified images;
 - ``crafted/<defence>__<attack>/batch<N>.safetensors``: every adaptive attack's examples of the
@@ -105,6 +106,15 @@ class RunDirectory:
         resume writes its trace again, identically)."""
         traces = {(t["owner"], t["attack"], t["batch"]): t for t in read_records(self.traces)}
         return list(traces.values())
+
+
+#: the key of a ``distpure rescore`` session's line in ``sessions.jsonl`` (its settings)
+RESCORE = "rescore"
+
+
+def evaluation_sessions(sessions: list[dict]) -> list[dict]:
+    """The sessions of ``evaluate``, which made the records (not those of ``rescore``)."""
+    return [session for session in sessions if RESCORE not in session]
 
 
 class ProgressFile:

@@ -32,9 +32,9 @@ from .config import DefenseConfig, ExperimentConfig
 from .distributed import Shard, current_shard, finish, shard_device
 from .metadata import RunClock, environment
 from ..seeding import derive_seed
-from .cascade import breaking_record, skipped_record
+from .cascade import breaking_record, drop_stale_skips, skipped_record
 from .convergence import continued_attack
-from .protocol import SELECTION_FIELD, predict_draws, scorers
+from .protocol import SELECTION_FIELD, predict_draws, scorers, selection_stream
 from .records import Key, RecordWriter, check_dataset_indices, record_key, write_sorted
 from .resolved import check_stamps, claim_run_dir, resolved_settings, run_stamp
 from .rundir import ProgressFile, RunDirectory
@@ -50,8 +50,9 @@ DEFAULT_DATA_FOLDERS = {"cifar10": "cifar10-jpeg", "imagenet30": "imagenet30-sam
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress: bool = True,
                    new_resumption: bool = False) -> dict:
     """Run (or resume) ``config`` in ``run_dir`` and return its summary. Records made by another
-    package version or resolved precision are not resumed, unless ``new_resumption`` (then this
-    session's records carry their own stamp, which the report keeps apart)."""
+    package version or resolved precision, and cascade skips that no longer hold, are not
+    resumed, unless ``new_resumption`` (then this session's records carry their own stamp, which
+    the report keeps apart, and the attacks of stale skips rerun)."""
     files = RunDirectory(run_dir)
     device = shard_device(resolve_device(config.device))
     shard = current_shard(device)
@@ -69,6 +70,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
     stamp = run_stamp(hardware(device, config.precision)["resolved_precision"])
     check_stamps(files, existing, stamp, new_resumption)
     written = {record_key(r): r for r in existing}
+    drop_stale_skips(files.root, config, written, written, refuse=not new_resumption)
     batches = list(enumerate(range(0, len(data), config.batch_size)))
     work = [(b, start) for b, start in batches if shard.owns(b)]
     writer_path = files.results if shard.world_size == 1 else files.shard_results(shard.rank)
@@ -76,11 +78,13 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, show_progress:
     with RecordWriter(writer_path) as writer, tqdm(total=len(work) * len(pairs), disable=not show_progress,
                                                    desc=config.name, dynamic_ncols=True) as progress:
         for batch_index, start in work:
-            batch = _Batch(config, data, list(range(start, min(start + config.batch_size, len(data)))),
-                           batch_index, device, files, written, clock if shard.is_main else None)
+            batch = Batch(config, data, list(range(start, min(start + config.batch_size, len(data)))),
+                          batch_index, device, files, written, clock if shard.is_main else None)
             crafted: dict[tuple[str, str], Crafted] = {}
             for defense_config, attack in pairs:
-                if not all((i, defense_config.name, attack.name) in written for i in batch.indices):
+                keys = [(i, defense_config.name, attack.name) for i in batch.indices]
+                drop_stale_skips(files.root, config, written, keys, refuse=False)  # made stale by units rerun here
+                if not all(key in written for key in keys):
                     started, batch.unit_progress = time.monotonic(), []
                     records = [{**record, **stamp} for record in _evaluate_batch(
                         batch, defenses[defense_config.name], defense_config, attack, crafted)]
@@ -170,7 +174,7 @@ def _build_defense(spec: DefenseConfig, config: ExperimentConfig, victim: nn.Mod
 
 
 @dataclass
-class _Batch:
+class Batch:
     """One batch of the evaluation: where its images are, what the run is, the records written
     so far (the cascade reads earlier attacks' records), the run's wall clock (the main
     process's, saved with every iteration an attack keeps) and the progress files of the
@@ -205,7 +209,7 @@ class _Batch:
         return [breaking_record(self.config, spec.name, attack, i, self.written) for i in self.indices]
 
 
-def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
+def _evaluate_batch(batch: Batch, defense: DefendedClassifier, spec: DefenseConfig,
                     attack: AttackConfig, crafted: dict[tuple[str, str], Crafted]) -> list[dict]:
     """Attack one batch, then classify every example with the experiment's R scoring draws
     and, on a stream of their own, its selection draws (the attacker's queries; under frozen
@@ -217,10 +221,10 @@ def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseCon
     config, labels = batch.config, batch.labels
     breaking = batch.breaking_records(spec, attack)
     attacked = [p for p, record in enumerate(breaking) if record is None]
-    result = _adversarial_examples(batch, defense, spec, attack, crafted)
+    result = adversarial_examples(batch, defense, spec, attack, crafted)
     if result.warnings:
         _append_warnings(batch.files, spec.name, attack.name, batch.number, result.warnings)
-    seed = derive_seed(config.seed, spec.name, attack.name, batch.number)
+    seed = unit_seed(config, spec.name, attack.name, batch.number)
     examples = result.examples[attacked]
     _keep_examples(batch, spec.name, attack, attacked, examples, replace=True)
 
@@ -233,7 +237,7 @@ def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseCon
         return iter(predict_draws(scorers(defense, draws, stream, result.frozen_scorer), images[attacked]))
 
     scored, late = score(result.examples), score(result.late_examples)
-    selected = score(result.examples, config.evaluation.selection_draws, derive_seed(seed, "selection"))
+    selected = score(result.examples, config.evaluation.selection_draws, selection_stream(seed))
     start = score(result.start) if continued_attack(config, attack) is not None else None
     if batch.number == 0 and attacked:
         first_draw = scorers(defense, 1, seed, result.frozen_scorer)[0]  # replays the scored draw 0
@@ -252,8 +256,14 @@ def _evaluate_batch(batch: _Batch, defense: DefendedClassifier, spec: DefenseCon
     return records
 
 
-def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
-                          attack: AttackConfig, crafted: dict[tuple[str, str], Crafted]) -> Crafted:
+def unit_seed(config: ExperimentConfig, defense: str, attack: str, batch: int) -> int:
+    """The seed of one (defence, attack, batch) unit's scoring draws, from which its selection
+    draws' stream derives too (``selection_stream``)."""
+    return derive_seed(config.seed, defense, attack, batch)
+
+
+def adversarial_examples(batch: Batch, defense: DefendedClassifier, spec: DefenseConfig,
+                         attack: AttackConfig, crafted: dict[tuple[str, str], Crafted]) -> Crafted:
     """One batch's examples for ``attack`` (the start, or the clean image, where the cascade
     skipped a sample), crafted once per batch and reused as a warm start, and, for transfer
     attacks, across every defence whose examples come from the same model (the key names that
@@ -263,19 +273,19 @@ def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: Defe
     they cover the samples to attack (and kept there when crafted)."""
     config = batch.config
     shared = attack.kind == "transfer"
-    key = _crafted_key(spec, attack, config)
+    key = crafted_key(spec, attack, config)
     owner = key[0]
     if key not in crafted:
         rows = list(range(len(batch.indices))) if shared else _attacked_rows(batch, spec, attack)
         start = None
         if attack.start_from is not None and rows:
             source = next(a for a in config.attacks if a.name == attack.start_from)
-            if _crafted_key(spec, source, config) not in crafted:
-                start = _kept_examples(batch, spec.name, source.name, rows)
+            if crafted_key(spec, source, config) not in crafted:
+                start = kept_examples(batch, spec.name, source.name, rows)
                 if start is not None and (leftover := _progress(batch, spec, source)) is not None:
                     leftover.load()  # crafted and kept by a killed session: its time counts here
             if start is None:
-                start = _adversarial_examples(batch, defense, spec, source, crafted).examples
+                start = adversarial_examples(batch, defense, spec, source, crafted).examples
                 source_rows = _attacked_rows(batch, spec, source)
                 _keep_examples(batch, spec.name, source, source_rows, start[source_rows], replace=False)
         result = _craft_rows(batch, defense, spec, attack, owner, start, rows)
@@ -286,18 +296,18 @@ def _adversarial_examples(batch: _Batch, defense: DefendedClassifier, spec: Defe
     return crafted[key]
 
 
-def _attacked_rows(batch: _Batch, spec: DefenseConfig, attack: AttackConfig) -> list[int]:
+def _attacked_rows(batch: Batch, spec: DefenseConfig, attack: AttackConfig) -> list[int]:
     """The batch positions ``attack`` attacks on ``spec``: those no earlier attack of the cascade broke."""
     return [p for p, record in enumerate(batch.breaking_records(spec, attack)) if record is None]
 
 
-def _crafted_key(spec: DefenseConfig, attack: AttackConfig, config: ExperimentConfig) -> tuple[str, str]:
+def crafted_key(spec: DefenseConfig, attack: AttackConfig, config: ExperimentConfig) -> tuple[str, str]:
     """Whose examples these are: (defence, attack), or (``victim=<name>``, attack) for a transfer
     attack, whose examples every defence behind the same victim shares."""
     return (f"victim={_victim_name(spec, config)}" if attack.kind == "transfer" else spec.name), attack.name
 
 
-def _keep_examples(batch: _Batch, defense: str, attack: AttackConfig, rows: list[int], examples: torch.Tensor,
+def _keep_examples(batch: Batch, defense: str, attack: AttackConfig, rows: list[int], examples: torch.Tensor,
                    replace: bool) -> None:
     """Keep an adaptive attack's examples of ``rows`` on disk (written whole, then renamed, so a
     killed session never leaves half a file): always when they are being scored, and when only
@@ -308,7 +318,7 @@ def _keep_examples(batch: _Batch, defense: str, attack: AttackConfig, rows: list
     write_atomically(path, lambda tmp: save_tensors({"examples": examples, "rows": torch.tensor(rows)}, tmp))
 
 
-def _kept_examples(batch: _Batch, defense: str, attack: str, rows: list[int]) -> torch.Tensor | None:
+def kept_examples(batch: Batch, defense: str, attack: str, rows: list[int]) -> torch.Tensor | None:
     """``attack``'s kept examples of this batch (other rows: the clean images), if kept for
     every row in ``rows`` and readable. Within a threat group a later attack of the cascade
     attacks only samples every earlier one attacked, so a warm start is read back instead of
@@ -330,7 +340,16 @@ def _kept_examples(batch: _Batch, defense: str, attack: str, rows: list[int]) ->
     return examples
 
 
-def _craft_rows(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig, attack: AttackConfig,
+def kept_rows(files: RunDirectory, defense: str, attack: str, batch: int) -> list[int]:
+    """The batch positions whose examples ``attack`` keeps for ``batch``; none where it keeps no
+    readable file. Reads only: an unreadable file stays for ``kept_examples`` to handle."""
+    try:
+        return load_state_dict(files.crafted_file(defense, attack, batch))["rows"].tolist()
+    except (OSError, ValueError, KeyError, SafetensorError):
+        return []
+
+
+def _craft_rows(batch: Batch, defense: DefendedClassifier, spec: DefenseConfig, attack: AttackConfig,
                 owner: str, start: torch.Tensor | None, rows: list[int]) -> Crafted:
     """``attack`` crafted on the batch's ``rows`` only, its examples and verdict spread back over
     the whole batch (other rows keep ``start`` or the clean image, and no verdict)."""
@@ -354,7 +373,7 @@ def _craft_rows(batch: _Batch, defense: DefendedClassifier, spec: DefenseConfig,
     return Crafted(examples, broken, result.frozen_scorer, result.warnings, result.trace, late, start)
 
 
-def _progress(batch: _Batch, spec: DefenseConfig, attack: AttackConfig) -> ProgressFile | None:
+def _progress(batch: Batch, spec: DefenseConfig, attack: AttackConfig) -> ProgressFile | None:
     """Where ``attack`` keeps its progress on this batch while crafted (None for a kind that
     cannot resume, or whose examples are not kept), noted as part of the current unit."""
     if attack.kind in KINDS_NOT_KEPT or not resumable(attack):
@@ -407,7 +426,12 @@ def _finalize(config: ExperimentConfig, files: RunDirectory, shard: Shard, clock
         part.unlink()
     metadata = {"experiment": config.name, "seed": config.seed, "processes": shard.world_size,
                 "wall_time_seconds": round(clock.seconds(), 1), **environment(device, config.precision)}
-    summary = {**summarize(records, config), "hardware": metadata["hardware"]}
     files.metadata.write_text(json.dumps(metadata, indent=2))
+    return write_summary(files, config, records, metadata["hardware"])
+
+
+def write_summary(files: RunDirectory, config: ExperimentConfig, records: list[dict], hardware_info: dict) -> dict:
+    """Write (and return) ``summary.json``: the summary of ``records``, with the hardware of the run."""
+    summary = {**summarize(records, config), "hardware": hardware_info}
     files.summary.write_text(json.dumps(summary, indent=2))
     return summary

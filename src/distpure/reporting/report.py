@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..devices import describe_hardware
 from ..evaluation.convergence import convergence_summary
-from ..evaluation.rundir import RunDirectory
+from ..evaluation.rundir import RESCORE, RunDirectory, evaluation_sessions
 from ..evaluation.summary import worst_cases
 from ..evaluation.timing import time_summary
 from .grids import image_grid
@@ -63,11 +63,23 @@ def _hardware_line(meta: dict) -> str:
 
 
 def _session_lines(sessions: list[dict]) -> list[str]:
-    """When a run was resumed on other hardware (or another precision resolved), say so."""
-    machines = list(dict.fromkeys(describe_hardware(s["hardware"]) for s in sessions))
-    if len(machines) < 2:
-        return []
-    return [f"- sessions: {len(sessions)}, on {len(machines)} hardware configurations: " + "; ".join(machines)]
+    """When a run was resumed on other hardware (or another precision resolved), or its selection
+    draws were added afterwards (``distpure rescore``), say so."""
+    runs = evaluation_sessions(sessions)
+    machines = list(dict.fromkeys(describe_hardware(s["hardware"]) for s in runs))
+    lines = [f"- sessions: {len(runs)}, on {len(machines)} hardware configurations: " + "; ".join(machines)
+             ] if len(machines) > 1 else []
+    return lines + [_rescore_line(s) for s in sessions if RESCORE in s]
+
+
+def _rescore_line(session: dict) -> str:
+    """One ``distpure rescore`` session: its selection draws, version and hardware, and whether it
+    drew them at another precision than the records' (those records name it)."""
+    settings = session[RESCORE]
+    other = (", at another precision than the records' (--any-precision; those records name it in "
+             "selection_precision)") if settings["any_precision"] else ""
+    return (f"- rescored ({session['started']}): {settings['selection_draws']} selection draws per example by "
+            f"distpure {settings['distpure']}, {describe_hardware(session['hardware'])}{other}")
 
 
 def _class_counts_text(counts: dict[int, int]) -> str:
@@ -107,7 +119,8 @@ def _run_lines(run: Run) -> list[str]:
     packages, time, seeds, samples and models."""
     config = run.config
     # a partial run has no (or an earlier, extended run's) metadata: its latest session stands in
-    latest = {key: run.sessions[-1][key] for key in ("hardware", "processes")} if run.sessions else {}
+    runs = evaluation_sessions(run.sessions)
+    latest = {key: runs[-1][key] for key in ("hardware", "processes")} if runs else {}
     meta = {**latest, **run.metadata} if run.finished else {**run.metadata, **latest}
     lines = [f"# {config.name}", ""]
     if config.description:
