@@ -46,3 +46,14 @@ def test_no_import_circle() -> None:
 
     for name in graph:
         visit(name, [])
+
+
+def test_data_flows_one_way_into_the_report():
+    """Models, samplers, defences, attacks, evaluation, certification and training never import
+    the report or the command line: those sit on top and read what the floors below produce."""
+    top = ("distpure.reporting", "distpure.cli")
+    floors = ("distpure.models", "distpure.sampling", "distpure.defenses", "distpure.attacks",
+              "distpure.evaluation", "distpure.certification", "distpure.training", "distpure.data")
+    upward = {name: sorted(m for m in imported(name, path) if m.startswith(top))
+              for name, path in MODULES.items() if name.startswith(floors)}
+    assert not {name: found for name, found in upward.items() if found}, "imports running back up"

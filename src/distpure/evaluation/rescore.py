@@ -39,7 +39,6 @@ from ..config import dump_yaml
 from ..data import LabelledImages
 from ..defenses.defended import DefendedClassifier
 from ..devices import describe_hardware, hardware, resolve_device
-from ..reporting.markdown import duration
 from .cascade import skip_problem, stale_skips_text
 from .config import DefenseConfig, ExperimentConfig
 from .protocol import SELECTION_FIELD, predict_draws, scorers, selection_stream
@@ -49,7 +48,7 @@ from .resolved import (legacy_stamp, package_version, record_stamp, resolved_cha
 from .rundir import RESCORE, RunDirectory, evaluation_sessions
 from .runner import (KINDS_NOT_KEPT, Batch, adversarial_examples, build_defenses, crafted_key, kept_examples,
                      kept_rows, load_experiment_data, unit_seed, write_summary)
-from .timing import time_summary
+from .timing import duration, time_summary
 
 #: where a record's selection draws were made at another precision than its scoring draws
 PRECISION_FIELD = "selection_precision"

@@ -35,3 +35,11 @@ def time_summary(timings: list[dict]) -> dict:
                           for row in rows)
     return {"units": len(units), "seconds": sum(row["seconds"] for row in rows),
             "seconds_without_cascade": without_cascade, "pairs": rows}
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds as ``h:mm:ss (h:mm:ss)``, written one way by every report and command."""
+    if seconds is None:
+        return "unknown"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} (h:mm:ss)"

@@ -26,7 +26,8 @@ from ..evaluation.rundir import RunDirectory
 from ..evaluation.runner import load_experiment_data
 from .certified_plot import certified_curves, certified_plot, curve_radii
 from .empirical import HONEST_RUN, Figure, ThreatFigures, read_rows, threat_figures, threats
-from .markdown import duration, grey_levels, table, victim_text
+from ..evaluation.timing import duration
+from .markdown import grey_levels, table, victim_text
 from .report import json_ready
 
 PLOT_FILE = "certified_accuracy.png"

@@ -96,10 +96,3 @@ def victim_text(models: ModelsConfig) -> str:
     if models.victim_arch is None:
         return f"victim `{models.victim}`"
     return f"victim `{models.victim_arch}` with the weights `{models.victim}`"
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} (h:mm:ss)"

@@ -16,7 +16,8 @@ from ..evaluation.rundir import RESCORE, RunDirectory, evaluation_sessions
 from ..evaluation.summary import worst_cases
 from ..evaluation.timing import time_summary
 from .grids import image_grid
-from .markdown import duration, settings_text, threat_model, victim_text
+from ..evaluation.timing import duration
+from .markdown import settings_text, threat_model, victim_text
 from .plots import accuracy_plots, convergence_plots
 from .results_csv import write_csv
 from .run import Run

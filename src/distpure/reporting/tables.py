@@ -10,8 +10,8 @@ from ..evaluation.protocol import SCORINGS, threat_group
 from ..evaluation.rundir import RunDirectory
 from ..evaluation.stats import Difference
 from ..evaluation.summary import SCORING_LABELS, interval_text, resubmission_name, worst_cases
-from ..evaluation.timing import time_summary
-from .markdown import (NORM_LABELS, duration, format_eps, format_number, group_key, settings_text, table,
+from ..evaluation.timing import duration, time_summary
+from .markdown import (NORM_LABELS, format_eps, format_number, group_key, settings_text, table,
                        threat_label, worst_case_titles)
 from .pareto import dominated, pareto_points
 from .run import Run
