@@ -1023,6 +1023,27 @@ def test_torchrun_matches_one_process(assets, config_path, reference_run, tmp_pa
 
 # ----------------------------------------------------------------------------- report
 
+def test_a_new_resumptions_records_are_reported_apart(reference_run, tmp_path):
+    """Records of another (version, precision) stamp get a table of their own; a run of one stamp
+    none. The planted stamp's cells score only its records."""
+    assert "### Records by scoring code" not in write_report(reference_run).read_text()
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(reference_run, run_dir)
+    records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    planted = [r for r in records if r["index"] == 0 and r["attack"] == "clean"]
+    for record in planted:
+        record.update(distpure="9.9.9", precision="fp64")
+    (run_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = write_report(run_dir).read_text()
+    section = text[text.index("### Records by scoring code"):].split("\n#")[0]
+    assert "distpure 9.9.9 at fp64" in section
+    rows = {line.split(" | ")[0][2:]: line for line in section.splitlines() if " | clean | " in line}
+    for record in planted:  # the planted stamp sorts last: its column is the row's last cell
+        hits = sum(int(p) == int(record["label"]) for p in record["predictions"]) / len(record["predictions"])
+        assert rows[record["defense"]].split(" | ")[-1].startswith(f"{100 * hits:.1f} [")
+        assert rows[record["defense"]].endswith("(n = 1) |")
+
+
 def test_report_of_a_finished_run(assets, reference_run, capsys):
     stale = reference_run / "plots" / "grid_dropped-defence__pgd.png"  # from a row no longer configured
     stale.parent.mkdir(exist_ok=True)

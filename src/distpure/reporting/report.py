@@ -22,7 +22,7 @@ from .plots import accuracy_plots, convergence_plots
 from .results_csv import write_csv
 from .run import Run
 from .tables import (accuracy_lines, all_results_lines, cascade_lines, comparison_lines, convergence_lines,
-                     glance_lines, pareto_lines, selection_lines, time_lines, warning_lines)
+                     glance_lines, pareto_lines, selection_lines, stamp_lines, time_lines, warning_lines)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -100,7 +100,7 @@ def _order_warning(records: list[dict]) -> str:
 # The report's sections after its run description, in order: each takes the run and returns its
 # Markdown lines (none where the run has nothing to show). A new section is one more function here.
 SECTIONS = (accuracy_lines, selection_lines, glance_lines, pareto_lines, comparison_lines, cascade_lines, time_lines,
-            convergence_lines, warning_lines)
+            convergence_lines, stamp_lines, warning_lines)
 
 
 def _markdown(run: Run, plots: list[tuple[str, Path]], grids: list[Path], run_dir: Path) -> str:

@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import asdict
 
 from ..evaluation.config import DefenseConfig, ExperimentConfig, load_experiment
+from ..evaluation.resolved import legacy_stamp
 from ..evaluation.rundir import RunDirectory
 from ..evaluation.summary import summarize
 
@@ -26,6 +27,7 @@ class Run:
         self.traces = traces or []
         self.timings = timings or []
         self.sessions: list[dict] = []
+        self.legacy_stamp: dict = {}  # the stamp of records from before records carried one
         self.summary = summarize(records, config)
         self.samples = len({r["index"] for r in records})
         self.samples_per_class = _samples_per_class(records)
@@ -42,6 +44,7 @@ class Run:
         run = cls(load_experiment(files.config), files.records(), files.read_metadata(), files.finished,
                   resolved, files.read_warnings(), files.read_traces(), files.read_timings())
         run.sessions = files.read_sessions()
+        run.legacy_stamp = legacy_stamp(files)
         return run
 
     @property

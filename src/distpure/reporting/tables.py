@@ -6,7 +6,8 @@ from __future__ import annotations
 from ..evaluation.convergence import MIN_SAMPLES, TOLERANCE, UPPER_TOLERANCE, convergence
 from ..attacks.suite import AttackConfig
 from ..evaluation.config import ExperimentConfig
-from ..evaluation.protocol import SCORINGS, threat_group
+from ..evaluation.protocol import SCORINGS, outcome, scored_accuracy, threat_group
+from ..evaluation.resolved import record_stamp
 from ..evaluation.rundir import RunDirectory
 from ..evaluation.stats import Difference
 from ..evaluation.summary import SCORING_LABELS, interval_text, resubmission_name, worst_cases
@@ -257,6 +258,36 @@ def warning_lines(run: Run) -> list[str]:
     unique = dict.fromkeys((w["defense"], w["attack"], w["message"]) for w in run.warnings)
     return ["### Warnings from the attacks", "",
             *(f"- {defense} / {attack}: {message}" for defense, attack, message in unique), ""]
+
+
+def stamp_lines(run: Run) -> list[str]:
+    """*Records by scoring code*: a run resumed by another distpure version or at another resolved
+    precision (``evaluate --new-resumption``) pools both in the tables above; here each stamp's
+    records are scored alone, so a reader sees whether the two agree."""
+    by_stamp: dict[tuple[str, str], dict[tuple[str, str], list[dict]]] = {}
+    for record in run.records:
+        stamp = record_stamp(record, run.legacy_stamp)
+        by_stamp.setdefault(stamp, {}).setdefault((record["defense"], record["attack"]), []).append(record)
+    if len(by_stamp) < 2:
+        return []
+    stamps = sorted(by_stamp)
+    pairs = [(d.name, a.name) for d in run.config.defenses for a in run.config.attacks
+             if any((d.name, a.name) in by_stamp[stamp] for stamp in stamps)]
+    rows = [[defense, attack, *(_stamp_cell(by_stamp[stamp].get((defense, attack), [])) for stamp in stamps)]
+            for defense, attack in pairs]
+    return ["### Records by scoring code", "",
+            f"This run holds records of {len(stamps)} (distpure version, resolved precision) stamps "
+            "(resumed with `--new-resumption`); the tables above pool them. Each stamp's records alone, "
+            f"{SCORING_LABELS['expected']} accuracy in % [95 % interval] (n records):", "",
+            *table(["defence", "attack", *(f"distpure {version} at {precision}" for version, precision in stamps)],
+                   rows), ""]
+
+
+def _stamp_cell(records: list[dict]) -> str:
+    """One stamp's records of one (defence, attack): expected accuracy, its interval, how many."""
+    if not records:
+        return "–"
+    return f"{scored_accuracy([outcome(r) for r in records], 'expected')} (n = {len(records)})"
 
 
 def all_results_lines(run: Run) -> list[str]:
