@@ -9,7 +9,7 @@ from conftest import make_tiny_images, make_tiny_victim
 from distpure.attacks.pgd import PGDConfig, late_iteration, pgd
 from distpure.attacks.suite import AttackConfig
 from distpure.evaluation.config import DefenseConfig, ExperimentConfig
-from distpure.evaluation.convergence import (TOLERANCE, Continuation, Convergence, continuation_gains, continues, convergence,
+from distpure.evaluation.convergence import (TOLERANCE, Continuation, Convergence, Curve, continuation_gains, continues, convergence,
                                              convergence_summary, curves, scored_late_falls)
 from distpure.evaluation.stats import Difference
 
@@ -147,3 +147,20 @@ def test_a_continuation_that_still_gains_flags_its_start():
     flat = Difference(0.0, -0.01, 0.01, 84)
     gained = Continuation("d", "a", "a-long", Difference(0.034, 0.014, 0.054, 84))
     assert Convergence("d", "a", None, flat, gained).status == "not converged"
+
+
+def _curve(accuracy: list[float], samples: int) -> Curve:
+    steps = list(range(len(accuracy)))
+    return Curve("d", "a", steps, accuracy, [0.0] * len(accuracy), samples)
+
+
+@pytest.mark.parametrize("accuracy, samples, status", [
+    ([0.5] * 8 + [0.40, 0.40, 0.40, 0.40], 40, "converged"),  # flat last quarter, no scatter
+    ([0.5] * 8 + [0.40, 0.39, 0.38, 0.37], 40, "not converged"),  # still falling 3 points
+    ([0.5] * 8 + [0.44, 0.36, 0.36, 0.44], 40, "not converged"),  # flat on average, too noisy to tell
+    ([0.5] * 8 + [0.40, 0.40, 0.40, 0.40], 12, "not judged"),  # too few samples traced
+])
+def test_a_trace_alone_is_judged_by_its_fall_its_error_and_samples(accuracy, samples, status):
+    """An attack with no scored examples (only its own-draw trace) is judged like a scored one:
+    the fall, its upper end, and a minimum of samples."""
+    assert Convergence("d", "a", _curve(accuracy, samples), None, None).status == status

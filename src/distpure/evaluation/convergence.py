@@ -179,15 +179,23 @@ class Convergence:
     def status(self) -> str:
         """``converged``, ``not converged`` or ``not judged``: by the scored measures' means and
         intervals where the attack has them (each on at least ``MIN_SAMPLES`` samples; one that
-        fails on enough samples decides), else by its own-draw trace's fall."""
+        fails on enough samples decides), else by its own-draw trace's fall and its error."""
         measures = [d for d in (self.scored_fall, self.continuation.gain if self.continuation else None)
                     if d is not None]
         if not measures:
-            return STATUSES[0] if self.curve.late_drop <= TOLERANCE else STATUSES[1]
+            return self._trace_status()
         judged = [d for d in measures if d.total >= MIN_SAMPLES]
         if any(d.mean > TOLERANCE or d.high > UPPER_TOLERANCE for d in judged):
             return STATUSES[1]
         return STATUSES[0] if len(judged) == len(measures) else STATUSES[2]
+
+    def _trace_status(self) -> str:
+        """By the own-draw trace alone (no scored examples): its fall and the fall's upper end
+        (two standard errors of the line), judged only on at least ``MIN_SAMPLES`` traced samples."""
+        if self.curve.samples < MIN_SAMPLES:
+            return STATUSES[2]
+        upper = self.curve.late_drop + 2 * self.curve.late_drop_error
+        return STATUSES[0] if self.curve.late_drop <= TOLERANCE and upper <= UPPER_TOLERANCE else STATUSES[1]
 
     @property
     def converged(self) -> bool:
