@@ -505,7 +505,7 @@ def test_a_resume_with_other_settings_is_refused(run_assets, tmp_path):
     with pytest.raises(ValueError, match="sigma"):
         run_certification(changed, tmp_path / "run", show_progress=False)
     grown = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25}],
-                        description="a new description")
+                        description="a new description", paired_with=str(tmp_path / "another-run"))
     run_certification(grown, tmp_path / "run", show_progress=False)  # presentation may change
     before = _without_time(certify_records(RunDirectory(tmp_path / "run")))
     appended = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25},

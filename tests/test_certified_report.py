@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distpure.certification.config import CertifyConfig
+from distpure.certification.paired import compare_at
 from distpure.cli.main import main
+from distpure.config import from_dict
 from distpure.reporting.certified import CertifiedRun, linf_radius, write_certified_report
 from distpure.reporting.certified_plot import certified_curves, curve_radii, envelopes
 from distpure.reporting.empirical import read_rows, threat_figures
@@ -173,3 +176,65 @@ def test_the_run_section_labels_the_fine_tuned_victim(run_dir: Path, tmp_path: P
     assert ("- models: victim `cifar10-resnet18` with the weights `results/cifar10-resnet18-denoised/model.safetensors`, "
             "diffusion `cifar10-ddpm-small`") in report
     assert report.startswith("# synthetic: certified L2 accuracy\n\nThe fine-tuned victim (a separate, labelled row;")
+
+
+def _other_run(root: Path, outcomes: dict[int, tuple[bool, float | None, bool]], **resolved) -> Path:
+    """Another run whose one setting, ``a-other``, is resolved as the fixture's ``a``; records by
+    dataset index: (correct, radius, skipped)."""
+    root.mkdir()
+    config = {**CONFIG, "name": "other", "settings": [{**CONFIG["settings"][0], "name": "a-other"}]}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    (root / "resolved.json").write_text(json.dumps({"settings": {
+        "settings": {"a-other": {"noise_level": LEVEL, "purifier": None}}, **resolved}}))
+    records = [{**_record("a-other", index - 100, correct, radius, skipped, False), "dataset_index": index}
+               for index, (correct, radius, skipped) in outcomes.items()]
+    (root / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def _exact_mcnemar(only_ours: int, only_theirs: int) -> float:
+    """Twice the smaller binomial tail of the discordant split at 1/2, at most 1."""
+    total = only_ours + only_theirs
+    tail = sum(math.comb(total, k) for k in range(min(only_ours, only_theirs) + 1)) / 2**total
+    return min(1.0, 2 * tail)
+
+
+def test_compare_at_counts_the_discordant_images_and_tests_them() -> None:
+    def pair(ours: bool, theirs: bool) -> tuple[dict, dict]:
+        return tuple({"correct": won, "radius": 0.5 if won else None} for won in (ours, theirs))
+
+    pairs = [pair(True, False)] * 10 + [pair(False, True)] + [pair(True, True)] * 3 + [pair(False, False)] * 6
+    result = compare_at(0.25, pairs)
+    assert (result.ours, result.theirs, result.only_ours, result.only_theirs) == (13, 4, 10, 1)
+    assert result.p_value == pytest.approx(_exact_mcnemar(10, 1)) and result.p_value == pytest.approx(24 / 2048)
+    assert compare_at(0.6, pairs).p_value == 1.0  # nobody certified that far: no discordant image
+
+
+def test_the_report_pairs_a_setting_with_the_same_smoothing_of_another_run(run_dir: Path, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    # shared dataset indices 101-104; ours there: (True, 0.3), (True, 0.1), abstained, skipped
+    _other_run(tmp_path / "other", {101: (False, None, False), 102: (True, 0.6, False),
+                                            103: (True, 0.3, False), 104: (False, None, True),
+                                            105: (True, 0.9, False)})
+    values = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**values, "paired_with": "other"}))
+    monkeypatch.chdir(tmp_path)  # paired_with is relative to the working directory
+    report = write_certified_report(run_dir, empirical=None).read_text()
+    section = report[report.index("## Paired with `other`"):report.index("## What an L2")]
+    rows = [line for line in section.splitlines() if line.startswith("| a |")]
+    # r = 0: both certify 2 of the 4 shared images, 101 only here, 103 only there;
+    # r = 0.25: here 101 alone, there 102 and 103; 128/255 is beyond a's reach
+    assert rows == ["| a | a-other | 4 | 0 | 50.0 | 50.0 | 1 / 1 | 1 |",
+                    "| a | a-other | 4 | 0.25 | 25.0 | 50.0 | 1 / 2 | 1 |"]
+    assert "Not paired (`other` has no setting resolved the same way): b, c." in section
+    _other_run(tmp_path / "strict", {101: (True, 0.6, False)}, alpha=0.01)  # another α: no longer the same
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**values, "paired_with": "strict"}))
+    strict = write_certified_report(run_dir, empirical=None).read_text()
+    assert "| a | a-other |" not in strict and "resolved the same way): a, b, c." in strict
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**values, "paired_with": "absent"}))
+    assert "`absent` holds no certification run here" in write_certified_report(run_dir, empirical=None).read_text()
+
+
+def test_paired_with_must_name_a_directory() -> None:
+    with pytest.raises(ValueError, match="paired_with"):
+        from_dict(CertifyConfig, {**CONFIG, "paired_with": ""})

@@ -91,7 +91,10 @@ class CertifyConfig:
     a sample whose selection picked a wrong class (it can never be certified-correct).
     ``curtail``: stop drawing once the outcome at every reported radius is decided (exact at
     those radii; radii in between get a lower bound). ``attack``: the optional SmoothAdv section
-    (``AttackSection``), whose records live beside the certificates and never change them."""
+    (``AttackSection``), whose records live beside the certificates and never change them.
+    ``paired_with``: another certification run's directory whose settings resolved as this run's
+    are compared with them image by image in the report (e.g. the off-the-shelf victim's run
+    beside a fine-tuned one's); it changes no record."""
 
     name: str = "certify"
     description: str = ""
@@ -106,6 +109,7 @@ class CertifyConfig:
     skip_wrong: bool = True
     curtail: bool = False
     attack: AttackSection | dict | None = None
+    paired_with: str | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -147,6 +151,8 @@ class CertifyConfig:
                     "or set the setting's reach to what it is meant to certify")
         if self.attack is not None:
             self.attack = self._attack_section(self.attack)
+        if self.paired_with is not None and not (isinstance(self.paired_with, str) and self.paired_with.strip()):
+            raise ValueError(f"paired_with must name a certification run directory, got {self.paired_with!r}")
 
     def _attack_section(self, values: AttackSection | dict) -> AttackSection:
         """The attack section, read and checked (an error says it is the attack's)."""

@@ -39,9 +39,10 @@ from .denoisers import DenoisedClassifier, build_base_classifier, noise_level
 from .smoothing import SmoothedClassifier
 from .summary import summarize_records
 
-#: what a resumed run may change without changing any certificate: its presentation, and the
-#: attack section (whose records the attack's own settings file guards: ``attack_run``)
-_FREE_FIELDS = ("description", "attack")
+#: what a resumed run may change without changing any certificate: its presentation (the
+#: description, the run it is paired with), and the attack section (whose records the attack's
+#: own settings file guards: ``attack_run``)
+_FREE_FIELDS = ("description", "paired_with", "attack")
 
 
 def sample_seed(config: CertifyConfig, setting: SettingConfig, dataset_index: int) -> int:
