@@ -28,6 +28,7 @@ from distpure.certification.denoisers import OneShotDenoiser
 from distpure.certification.runner import certify_records, run_certification
 from distpure.certification.statistics import (certified_at, certify_counts, decided, max_certifiable_radius,
                                                predict_p_value)
+from distpure.devices import resolve_precision
 from distpure.evaluation.distributed import Shard
 from distpure.evaluation.rundir import RunDirectory
 from distpure.models.diffusion import NoisePredictor, default_scheduler
@@ -507,6 +508,14 @@ def test_a_resume_with_other_settings_is_refused(run_assets, tmp_path):
     grown = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25}],
                         description="a new description", paired_with=str(tmp_path / "another-run"))
     run_certification(grown, tmp_path / "run", show_progress=False)  # presentation may change
+    resolved = resolve_precision("auto", "cpu")
+    written = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25}],
+                          precision=resolved)
+    run_certification(written, tmp_path / "run", show_progress=False)  # auto, written as what it resolved to
+    other = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25}],
+                        precision="fp16")
+    with pytest.raises(ValueError, match="resolved_precision"):
+        run_certification(other, tmp_path / "run", show_progress=False)
     before = _without_time(certify_records(RunDirectory(tmp_path / "run")))
     appended = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25},
                                                            {"name": "wider", "denoiser": "none", "sigma": 0.5}])
