@@ -15,7 +15,8 @@ from distpure.certification.config import CertifyConfig
 from distpure.certification.paired import compare_at
 from distpure.cli.main import main
 from distpure.config import from_dict
-from distpure.reporting.certified import CertifiedRun, linf_radius, write_certified_report
+from distpure.reporting.certified import linf_radius, write_certified_report
+from distpure.reporting.certified_run import CertifiedRun
 from distpure.reporting.certified_plot import certified_curves, curve_radii, envelopes
 from distpure.reporting.empirical import read_rows, threat_figures
 
@@ -31,8 +32,14 @@ B = [(True, 0.6, False, False), (True, 0.2, False, False)]
 LEVEL = {"label": 144, "timestep": 144, "alpha_bar": 0.8, "continuous": False, "model_noise": 0.5, "sigma": 0.25}
 
 
+# right selection draws (of n0 = 10) per record of a and b
+RIGHT = {"a": [10, 9, 7, 4, 2], "b": [10, 8]}
+
+
 def _record(setting: str, index: int, correct: bool, radius: float | None, skipped: bool, curtailed: bool) -> dict:
+    right = RIGHT.get(setting, [10] * 10)[index]
     return {"setting": setting, "index": index, "dataset_index": 100 + index, "sigma": 0.25, "label": 1,
+            "selection_counts": [10 - right, right],
             "predicted": 1 if not skipped else 2, "correct": correct, "radius": radius,
             "abstained": not correct, "skipped": skipped, "curtailed": curtailed,
             "seconds": float(index + 1), "denoiser_calls": 10 * (index + 1)}
@@ -106,6 +113,23 @@ def test_the_table_holds_the_hand_computed_figures(run_dir: Path, tmp_path: Path
     assert _row("\n".join(settings), "c")[1] == "multistep, 2 steps"
     assert "Test CPU 9000" in report and "**Partial run**" in report
     assert (run_dir / "certified_accuracy.png").stat().st_size > 0
+
+
+def test_the_base_classifier_section_holds_the_hand_computed_ceilings(run_dir: Path) -> None:
+    records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    for record in records:
+        record["sigma"] = {"a": 0.25, "b": 0.5}[record["setting"]]
+    (run_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = write_certified_report(run_dir, empirical=None).read_text()
+    section = report[report.index("## The base classifier"):report.index("## Settings and cost")]
+    shares = [0.01 * 10 * right for right in RIGHT["a"]]
+    mean, half = sum(shares) / 5, 1.959964 * math.sqrt(sum((x - 0.64) ** 2 for x in shares) / 4 / 5)
+    # a (σ 0.25): ceilings ∞, 0.25·Φ⁻¹(0.9) = 0.320, 0.25·Φ⁻¹(0.7) = 0.131, none, none
+    assert _row(section, "a") == ["a", "0.25", "5", f"{100 * mean:.1f} [{100 * (mean - half):.1f}, "
+                                  f"{100 * (mean + half):.1f}]", "60.0", "40.0", "20.0"]
+    # b (σ 0.5): ceilings ∞ and 0.5·Φ⁻¹(0.8) = 0.421, short of 128/255; c has no records
+    assert _row(section, "b")[2:] == ["2", "90.0 [70.4, 100.0]", "100.0", "100.0", "50.0"]
+    assert "\n| c |" not in section and "97.767 % at σ = 0.25, 84.229 % at σ = 0.5" in section
 
 
 def test_empirical_figures_are_read_not_typed(tmp_path: Path) -> None:

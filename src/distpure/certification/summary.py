@@ -6,7 +6,9 @@ has records for (the seeded data order makes any prefix a fair sample); ``images
 """
 from __future__ import annotations
 
-from ..evaluation.stats import accuracy
+from scipy.stats import norm
+
+from ..evaluation.stats import accuracy, mean_interval
 
 
 def certified_correct(record: dict, radius: float) -> bool:
@@ -44,6 +46,32 @@ def summarize_records(records: list[dict], settings: list[str], radii: tuple[flo
             "denoiser_calls_per_image": sum(r["denoiser_calls"] for r in rows) / total if total else None,
         }
     return summary
+
+
+def selection_share(record: dict) -> float:
+    """The share of ``record``'s n0 selection draws in which the base classifier (denoiser and
+    victim) returned the label: an unbiased estimate of its accuracy under the smoothing noise
+    on that image (selection draws are never curtailed or skipped)."""
+    counts = record["selection_counts"]
+    return counts[int(record["label"])] / sum(counts)
+
+
+def ceiling_radius(share: float, sigma: float) -> float | None:
+    """The radius an image whose base classifier is right with probability ``share`` would
+    certify with unlimited draws, σ·Φ⁻¹(share); None at or below 1/2 (never certified)."""
+    return sigma * float(norm.ppf(share)) if share > 0.5 else None
+
+
+def base_accuracy(records: list[dict], setting: str, radii: tuple[float, ...]) -> dict:
+    """Why a setting certifies what it does: its base classifier's accuracy per draw (the mean
+    selection share over images, with a 95 % interval) and, per radius of ``radii``, how many
+    images reach it by their ceiling radius (unlimited draws, the share taken as exact)."""
+    rows = [r for r in records if r["setting"] == setting]
+    shares = [selection_share(r) for r in rows]
+    ceilings = [ceiling_radius(share, float(r["sigma"])) for share, r in zip(shares, rows)]
+    return {"images": len(rows), "per_draw": mean_interval(shares),
+            "reaching": {f"{radius:.6g}": sum(c is not None and c >= radius - 1e-12 for c in ceilings)
+                         for radius in radii}}
 
 
 def format_summary(summary: dict, radii: tuple[float, ...]) -> str:

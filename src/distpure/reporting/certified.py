@@ -9,87 +9,26 @@ image dimension.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass, replace
 from pathlib import Path
+
+from scipy.stats import norm
 
 from ..attacks.base import parse_epsilon
 from ..certification.attack_run import summarize_attack_run
-from ..certification.config import PAPER_L2_RADIUS, CertifyConfig, SettingConfig, load_certify_config
-from ..certification.paired import PairedSetting, paired_setting, same_smoothing
-from ..certification.runner import certify_records
-from ..certification.statistics import max_certifiable_radius
-from ..certification.summary import summarize_records
+from ..certification.config import PAPER_L2_RADIUS, CertifyConfig, SettingConfig
+from ..certification.summary import base_accuracy
 from ..devices import describe_hardware
-from ..evaluation.rundir import RunDirectory
-from ..evaluation.runner import load_experiment_data
-from .certified_plot import certified_curves, certified_plot, curve_radii
-from .empirical import HONEST_RUN, Figure, ThreatFigures, read_rows, threat_figures, threats
 from ..evaluation.timing import duration
+from .certified_paired import paired_lines
+from .certified_plot import certified_curves, certified_plot, curve_radii
+from .certified_run import CertifiedRun, radius_label
+from .empirical import HONEST_RUN, Figure, ThreatFigures, read_rows, threat_figures, threats
 from .markdown import grey_levels, table, victim_text
 from .report import json_ready
 
 PLOT_FILE = "certified_accuracy.png"
-
-
-@dataclass
-class CertifiedRun:
-    """What the report reads: the config, the resolved settings (resolved.json's ``settings``),
-    the records, the sessions and the metadata of one certification run directory."""
-
-    files: RunDirectory
-    config: CertifyConfig
-    resolved: dict
-    records: list[dict]
-    sessions: list[dict]
-    metadata: dict
-
-    @classmethod
-    def load(cls, run_dir: str | Path, config: CertifyConfig | None = None) -> "CertifiedRun":
-        """The run in ``run_dir``, described by ``config`` (default: the config.yaml it holds)."""
-        files = RunDirectory(run_dir)
-        if config is None and not files.config.is_file():
-            raise FileNotFoundError(f"{files.root}: not a run directory (no config.yaml)")
-        resolved = json.loads(files.resolved.read_text())["settings"] if files.resolved.is_file() else {}
-        return cls(files, config or load_certify_config(files.config), resolved, certify_records(files),
-                   files.read_sessions(), files.read_metadata())
-
-    @property
-    def planned(self) -> dict[str, int | None]:
-        """Images per setting: as the latest session recorded them; for runs from before that,
-        the config's (data limit and setting limits; None without a data limit)."""
-        recorded = next((s["planned"] for s in reversed(self.sessions) if "planned" in s), {})
-        limit = self.config.data.limit
-        return {s.name: recorded.get(s.name, None if limit is None else self.config.images(s, limit))
-                for s in self.config.settings}
-
-    @property
-    def summary(self) -> dict:
-        return summarize_records(self.records, [s.name for s in self.config.settings],
-                                 self.config.report_radii, self.planned)
-
-    @property
-    def hardware(self) -> dict | None:
-        """What ran it: the finished run's metadata, else the latest session's (a stopped run)."""
-        return self.metadata.get("hardware") or (self.sessions[-1] if self.sessions else {}).get("hardware")
-
-    def reach(self, setting: SettingConfig) -> float:
-        """The largest radius ``setting``'s n can ever certify (every draw right)."""
-        return max_certifiable_radius(self.config.draws(setting), self.config.alpha, setting.sigma)
-
-    def dimension(self) -> int | None:
-        """Values per image (channels x height x width): as the sessions recorded it, else from
-        the first image of the data (None when it cannot be read here)."""
-        shape = next((s["image_shape"] for s in reversed(self.sessions) if "image_shape" in s), None)
-        if shape is None:
-            try:
-                one = replace(self.config, data=replace(self.config.data, limit=1))
-                shape = load_experiment_data(one).images.shape[1:]
-            except (OSError, ValueError):
-                return None
-        return math.prod(shape)
 
 
 def certified_summary(run_dir: str | Path) -> dict:
@@ -109,7 +48,8 @@ def write_certified_report(run_dir: str | Path, config: CertifyConfig | None = N
     figures = threat_figures(rows, "l2", threat) if rows else []
     plot = _plot(run, figures, threat) if run.records else None
     summary = run.summary
-    lines = [*_run_lines(run, summary), *certified_lines(run, summary), *settings_lines(run, summary),
+    lines = [*_run_lines(run, summary), *certified_lines(run, summary), *base_lines(run),
+             *settings_lines(run, summary),
              *comparison_lines(run, summary, figures, empirical, plot, threat), *paired_lines(run),
              *attack_lines(run), *caveat_lines(run, rows or [])]
     run.files.report.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -124,12 +64,6 @@ def _plot(run: CertifiedRun, figures: list[ThreatFigures], threat: float) -> Pat
     marks = [(f"{f.defence}, empirical: {f.strongest.attack}", threat, f.strongest.accuracy)
              for f in figures if f.strongest is not None]
     return certified_plot(radii, curves, kinds, marks, run.files.root / PLOT_FILE)
-
-
-def radius_label(radius: float, config: CertifyConfig) -> str:
-    """A reported radius as the config writes it (``128/255`` stays a fraction)."""
-    written = {parse_epsilon(r): r for r in config.radii if isinstance(r, str)}
-    return written.get(radius, f"{radius:g}")
 
 
 def _interval(cell: dict) -> str:
@@ -186,6 +120,33 @@ def certified_lines(run: CertifiedRun, summary: dict) -> list[str]:
             "–: beyond the largest radius the setting's n can certify (*reach* below)"
             + (", or no records yet" if not _finished(summary) else "") + ".", "",
             *table(header, rows, ["---", "---:", *[":---:"] * len(radii)]), ""]
+
+
+def base_lines(run: CertifiedRun) -> list[str]:
+    """*The base classifier under noise*: per setting, how often the denoised victim is right on a
+    noise draw, and how many images could reach each radius with unlimited draws: what bounds
+    the certified figures from above, whatever n."""
+    radii = run.config.report_radii
+    rows = []
+    for s in run.config.settings:
+        base = base_accuracy(run.records, s.name, radii)
+        if base["images"]:
+            rows.append([s.name, f"{s.sigma:g}", base["images"], str(base["per_draw"]),
+                         *(f"{100 * base['reaching'][f'{r:.6g}'] / base['images']:.1f}" for r in radii)])
+    if not rows:
+        return []
+    header = ["setting", "σ", "images", "right draws (%)", *(f"ceiling ≥ {radius_label(r, run.config)}" for r in radii)]
+    threat = parse_epsilon(PAPER_L2_RADIUS)
+    needs = ", ".join(f"{100 * float(norm.cdf(threat / sigma)):.5g} % at σ = {sigma:g}"
+                      for sigma in sorted({s.sigma for s in run.config.settings}))
+    return ["## The base classifier under noise (what bounds the certificates)", "",
+            "*Right draws*: the mean over images of the share p of the n0 selection draws (noise, denoiser, "
+            "victim) that return the label, with a 95 % interval over images. *Ceiling ≥ r*: the images (%) "
+            "whose p would certify radius r with unlimited draws if it were exact, σ·Φ⁻¹(p) ≥ r with p > 1/2 "
+            f"(a share of 1 reaches every radius); radius {PAPER_L2_RADIUS} needs p ≥ Φ(r/σ): {needs}. More "
+            "draws cannot lift a setting above this ceiling; a base classifier more often right under the "
+            "noise can.", "",
+            *table(header, rows, ["---", "---:", "---:", ":---:", *[":---:"] * len(radii)]), ""]
 
 
 def _denoiser_text(setting: SettingConfig, resolved: dict) -> str:
@@ -267,54 +228,6 @@ def comparison_lines(run: CertifiedRun, summary: dict, figures: list[ThreatFigur
         *table(["defence", "clean", f"strongest attack, L2 {label}", f"picked, L2 {label}",
                 f"resubmission, L2 {label}"], rows), "",
         f"Certified at L2 {label}: " + _best_at(run, summary, threat) + ".", ""]
-
-
-def paired_comparisons(run: CertifiedRun, other: CertifiedRun) -> tuple[list[PairedSetting], list[str]]:
-    """Each setting of ``run`` paired with ``other``'s setting resolved the same way, at the radii
-    both can reach; and the names of the settings ``other`` has no match for."""
-    if not (run.resolved and other.resolved):
-        return [], [s.name for s in run.config.settings]
-    found, unmatched = [], []
-    for setting in run.config.settings:
-        match = same_smoothing(run.resolved, other.resolved, setting.name)
-        if match is None:
-            unmatched.append(setting.name)
-            continue
-        reach = min(run.reach(setting), other.reach(other.config.setting(match)))
-        radii = tuple(r for r in run.config.report_radii if r <= reach)
-        found.append(paired_setting(setting.name, match, run.records, other.records, radii))
-    return found, unmatched
-
-
-def paired_lines(run: CertifiedRun) -> list[str]:
-    """*Paired with another run*: per setting and reported radius, both runs' certified accuracy on
-    the images both have, the images only one certifies, and the exact McNemar p-value;
-    nothing where the config pairs with no run."""
-    if run.config.paired_with is None:
-        return []
-    where = Path(run.config.paired_with)
-    lines = [f"## Paired with `{where}`", ""]
-    if not (where / "config.yaml").is_file():
-        return lines + [f"`{where}` holds no certification run here (paths are relative to the working "
-                        "directory the report is written from); nothing to compare.", ""]
-    other = CertifiedRun.load(where)
-    found, unmatched = paired_comparisons(run, other)
-    rows = [[p.setting, p.other, p.images, radius_label(r.radius, run.config),
-             *(f"{100 * count / p.images:.1f}" if p.images else "–" for count in (r.ours, r.theirs)),
-             f"{r.only_ours} / {r.only_theirs}", f"{r.p_value:.2g}"] for p in found for r in p.radii]
-    lines += [f"Each setting beside the setting of `{other.config.name}` resolved the same way (denoiser, σ, n, "
-              "noise level, purifier, n0, α), on the images (dataset indices) both runs have records for, at "
-              "the reported radii both can certify. *Only here / only there*: images certified correct at "
-              "that radius by one run and not the other; *McNemar p*: the exact two-sided test that the "
-              "split of those images is even (statsmodels), a paired test the two marginal figures cannot "
-              "give.", ""]
-    if rows:
-        lines += [*table(["setting", f"paired with ({other.config.name})", "images", "r", "here (%)", "there (%)",
-                          "only here / only there", "McNemar p"], rows), ""]
-    if unmatched:
-        lines += [f"Not paired (`{other.config.name}` has no setting resolved the same way): "
-                  + ", ".join(unmatched) + ".", ""]
-    return lines
 
 
 def attack_lines(run: CertifiedRun) -> list[str]:
