@@ -508,20 +508,24 @@ def test_a_resume_with_other_settings_is_refused(run_assets, tmp_path):
     grown = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25}],
                         description="a new description", paired_with=str(tmp_path / "another-run"))
     run_certification(grown, tmp_path / "run", show_progress=False)  # presentation may change
-    resolved = resolve_precision("auto", "cpu")
-    written = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25}],
-                          precision=resolved)
-    run_certification(written, tmp_path / "run", show_progress=False)  # auto, written as what it resolved to
-    other = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25}],
-                        precision="fp16")
-    with pytest.raises(ValueError, match="resolved_precision"):
-        run_certification(other, tmp_path / "run", show_progress=False)
     before = _without_time(certify_records(RunDirectory(tmp_path / "run")))
     appended = _run_config(run_assets, tmp_path, settings=[{"name": "none", "denoiser": "none", "sigma": 0.25},
                                                            {"name": "wider", "denoiser": "none", "sigma": 0.5}])
     run_certification(appended, tmp_path / "run", show_progress=False)  # a setting may be appended
     after = _without_time(certify_records(RunDirectory(tmp_path / "run")))
     assert [r for r in after if r["setting"] == "none"] == before and len(after) == 2 * len(before)
+
+
+def test_a_resume_may_write_the_precision_auto_resolved_to(run_assets, tmp_path):
+    """``auto`` may become the precision it resolved to (an fp32 run continued on a bf16 CPU), the
+    purifier's copy of it too; another resolved precision is refused."""
+    multistep = [{"name": "multistep", "denoiser": "multistep", "sigma": 0.12, "steps": 2, "limit": 2}]
+    run_certification(_run_config(run_assets, tmp_path, settings=multistep), tmp_path / "run", show_progress=False)
+    written = _run_config(run_assets, tmp_path, settings=multistep, precision=resolve_precision("auto", "cpu"))
+    run_certification(written, tmp_path / "run", show_progress=False)
+    other = _run_config(run_assets, tmp_path, settings=multistep, precision="fp16")
+    with pytest.raises(ValueError, match="resolved_precision"):
+        run_certification(other, tmp_path / "run", show_progress=False)
 
 
 def test_the_cli_certifies_and_summarises_a_run(run_assets, tmp_path, capsys):

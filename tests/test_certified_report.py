@@ -202,16 +202,19 @@ def test_the_run_section_labels_the_fine_tuned_victim(run_dir: Path, tmp_path: P
     assert report.startswith("# synthetic: certified L2 accuracy\n\nThe fine-tuned victim (a separate, labelled row;")
 
 
-def _other_run(root: Path, outcomes: dict[int, tuple[bool, float | None, bool]], **resolved) -> Path:
-    """Another run whose one setting, ``a-other``, is resolved as the fixture's ``a``; records by
-    dataset index: (correct, radius, skipped)."""
+def _other_run(root: Path, outcomes: dict[int, tuple[bool, float | None, bool]], config: dict | None = None,
+               **resolved) -> Path:
+    """Another run whose setting ``a-other`` is resolved as the fixture's ``a`` and ``c-other`` as
+    its ``c`` but for one more reverse step; records by dataset index: (correct, radius, skipped),
+    written in reverse order so that a record's position differs from the fixture's."""
     root.mkdir()
-    config = {**CONFIG, "name": "other", "settings": [{**CONFIG["settings"][0], "name": "a-other"}]}
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    (root / "resolved.json").write_text(json.dumps({"settings": {
-        "settings": {"a-other": {"noise_level": LEVEL, "purifier": None}}, **resolved}}))
-    records = [{**_record("a-other", index - 100, correct, radius, skipped, False), "dataset_index": index}
-               for index, (correct, radius, skipped) in outcomes.items()]
+    settings = [{**CONFIG["settings"][0], "name": "a-other"}, {**CONFIG["settings"][2], "name": "c-other"}]
+    (root / "config.yaml").write_text(yaml.safe_dump({**CONFIG, "name": "other", "settings": settings, **(config or {})}))
+    (root / "resolved.json").write_text(json.dumps({"settings": {"settings": {
+        "a-other": {"noise_level": LEVEL, "purifier": None},
+        "c-other": {"noise_level": LEVEL, "purifier": {"num_steps": 3}}}, **resolved}}))
+    records = [{**_record("a-other", position, correct, radius, skipped, False), "dataset_index": index}
+               for position, (index, (correct, radius, skipped)) in enumerate(reversed(outcomes.items()))]
     (root / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return root
 
@@ -231,32 +234,57 @@ def test_compare_at_counts_the_discordant_images_and_tests_them() -> None:
     result = compare_at(0.25, pairs)
     assert (result.ours, result.theirs, result.only_ours, result.only_theirs) == (13, 4, 10, 1)
     assert result.p_value == pytest.approx(_exact_mcnemar(10, 1)) and result.p_value == pytest.approx(24 / 2048)
+    assert result.difference.mean == pytest.approx(9 / 20) and result.difference.low < 9 / 20 < result.difference.high
     assert compare_at(0.6, pairs).p_value == 1.0  # nobody certified that far: no discordant image
+
+
+def _paired_section(run_dir: Path, paired_with: str) -> str:
+    values = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**values, "paired_with": paired_with}))
+    report = write_certified_report(run_dir, empirical=None).read_text()
+    return report[report.index(f"## Paired with `{paired_with}`"):report.index("## What an L2")]
 
 
 def test_the_report_pairs_a_setting_with_the_same_smoothing_of_another_run(run_dir: Path, tmp_path: Path,
                                                                             monkeypatch) -> None:
-    # shared dataset indices 101-104; ours there: (True, 0.3), (True, 0.1), abstained, skipped
-    _other_run(tmp_path / "other", {101: (False, None, False), 102: (True, 0.6, False),
-                                            103: (True, 0.3, False), 104: (False, None, True),
-                                            105: (True, 0.9, False)})
-    values = yaml.safe_load((run_dir / "config.yaml").read_text())
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**values, "paired_with": "other"}))
     monkeypatch.chdir(tmp_path)  # paired_with is relative to the working directory
-    report = write_certified_report(run_dir, empirical=None).read_text()
-    section = report[report.index("## Paired with `other`"):report.index("## What an L2")]
+    # shared dataset indices 101-104; ours there: (True, 0.3), (True, 0.1), abstained, skipped
+    _other_run(tmp_path / "other", {101: (False, None, False), 102: (True, 0.6, False), 103: (True, 0.3, False),
+                                    104: (False, None, True), 105: (True, 0.9, False)})
+    section = _paired_section(run_dir, "other")
     rows = [line for line in section.splitlines() if line.startswith("| a |")]
     # r = 0: both certify 2 of the 4 shared images, 101 only here, 103 only there;
     # r = 0.25: here 101 alone, there 102 and 103; 128/255 is beyond a's reach
-    assert rows == ["| a | a-other | 4 | 0 | 50.0 | 50.0 | 1 / 1 | 1 |",
-                    "| a | a-other | 4 | 0.25 | 25.0 | 50.0 | 1 / 2 | 1 |"]
+    assert [row.split(" | ")[:7] + row.split(" | ")[8:] for row in rows] == [
+        ["| a", "a-other", "4", "0", "50.0", "50.0", "1 / 1", "1 |"],
+        ["| a", "a-other", "4", "0.25", "25.0", "50.0", "1 / 2", "1 |"]]
+    assert rows[1].split(" | ")[7].startswith("-25.0 [")  # here - there, in points
+    # c's one reverse step more there, b's σ found nowhere: not paired
     assert "Not paired (`other` has no setting resolved the same way): b, c." in section
-    _other_run(tmp_path / "strict", {101: (True, 0.6, False)}, alpha=0.01)  # another α: no longer the same
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**values, "paired_with": "strict"}))
-    strict = write_certified_report(run_dir, empirical=None).read_text()
-    assert "| a | a-other |" not in strict and "resolved the same way): a, b, c." in strict
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**values, "paired_with": "absent"}))
-    assert "`absent` holds no certification run here" in write_certified_report(run_dir, empirical=None).read_text()
+
+
+@pytest.mark.parametrize("resolved, config, expected", [
+    ({"alpha": 0.01}, None, "resolved the same way): a, b, c."),
+    ({"n0": 50}, None, "resolved the same way): a, b, c."),
+    ({"resolved_precision": "bf16"}, None, "resolved the same way): a, b, c."),
+    ({}, {"data": {"dataset": "imagenet30", "limit": 10}}, "Not comparable image by image: dataset 'cifar10' here"),
+    ({}, {"models": {"victim": "cifar10-resnet18", "diffusion": "cifar10-ddpm"}}, "diffusion model"),
+])
+def test_a_run_of_another_procedure_or_input_is_not_paired(run_dir: Path, tmp_path: Path, monkeypatch,
+                                                           resolved: dict, config: dict | None, expected: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    _other_run(tmp_path / "strict", {101: (True, 0.6, False)}, config=config, **resolved)
+    section = _paired_section(run_dir, "strict")
+    assert "| a | a-other |" not in section and expected in section
+
+
+def test_a_paired_run_that_is_not_a_certification_is_named_not_read(run_dir: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "honest").mkdir()
+    (tmp_path / "honest" / "config.yaml").write_text(yaml.safe_dump({"name": "honest", "defenses": []}))
+    assert "`absent` holds no certification run here" in _paired_section(run_dir, "absent")
+    assert "`honest` holds no certification run here" in _paired_section(run_dir, "honest")
 
 
 def test_paired_with_must_name_a_directory() -> None:

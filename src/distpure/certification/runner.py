@@ -207,6 +207,16 @@ def resolved_settings(config: CertifyConfig, bases: dict[str, DenoisedClassifier
         "seed": config.seed, "resolved_precision": resolve_precision(config.precision, device)}}
 
 
+def record_shaping(resolved: dict) -> dict:
+    """resolved.json's ``settings`` section as the records depend on it: each purifier entry
+    without the precision its config was written with (``auto`` or ``fp32``), which the section's
+    ``resolved_precision`` stands for."""
+    settings = {name: {**spec, "purifier": None if spec.get("purifier") is None
+                       else {k: v for k, v in spec["purifier"].items() if k != "precision"}}
+                for name, spec in resolved["settings"].items()}
+    return {**resolved, "settings": settings}
+
+
 def claim_certify_dir(files: RunDirectory, config: CertifyConfig, resolved: dict) -> None:
     """Create the run directory, or check before resuming that it holds this same run: the
     config as written (image limits and the description may change, and settings may be added:
@@ -229,8 +239,8 @@ def claim_certify_dir(files: RunDirectory, config: CertifyConfig, resolved: dict
         stored = json.loads(files.resolved.read_text())
         current = dict(resolved["settings"])
         current["settings"] = {k: v for k, v in current["settings"].items() if k in stored["settings"]["settings"]}
-        changed = differences({"distpure": stored.get("distpure"), **stored["settings"]},
-                              {"distpure": resolved["distpure"], **current})
+        changed = differences({"distpure": stored.get("distpure"), **record_shaping(stored["settings"])},
+                              {"distpure": resolved["distpure"], **record_shaping(current)})
         if changed:
             raise ValueError(f"{files.root} was run with other resolved settings or another distpure "
                              f"version ({'; '.join(changed[:8])}); resuming would mix two runs in one "

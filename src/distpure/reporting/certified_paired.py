@@ -4,53 +4,68 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..certification.paired import PairedSetting, paired_setting, same_smoothing
+from ..certification.config import PAPER_L2_RADIUS
+from ..certification.paired import PairedSetting, matching_setting, paired_setting
+from ..certification.runner import is_certification_dir
 from .certified_run import CertifiedRun, radius_label
-from .markdown import table
+from .markdown import table, victim_text
 
 
-def paired_comparisons(run: CertifiedRun, other: CertifiedRun) -> tuple[list[PairedSetting], list[str]]:
+def pair_settings(run: CertifiedRun, other: CertifiedRun) -> tuple[list[PairedSetting], list[str]]:
     """Each setting of ``run`` paired with ``other``'s setting resolved the same way, at the radii
-    both can reach; and the names of the settings ``other`` has no match for."""
-    if not (run.resolved and other.resolved):
-        return [], [s.name for s in run.config.settings]
+    both runs report within the setting's reach; and the names of the settings left unpaired."""
     found, unmatched = [], []
     for setting in run.config.settings:
-        match = same_smoothing(run.resolved, other.resolved, setting.name)
+        resolved = run.resolved and other.resolved
+        match = matching_setting(run.resolved, other.resolved, setting.name) if resolved else None
         if match is None:
             unmatched.append(setting.name)
             continue
-        reach = min(run.reach(setting), other.reach(other.config.setting(match)))
-        radii = tuple(r for r in run.config.report_radii if r <= reach)
+        theirs = {f"{r:.6g}" for r in other.config.report_radii}
+        radii = tuple(r for r in run.config.report_radii if f"{r:.6g}" in theirs and r <= run.reach(setting))
         found.append(paired_setting(setting.name, match, run.records, other.records, radii))
     return found, unmatched
 
 
+def _other_inputs(run: CertifiedRun, other: CertifiedRun) -> list[str]:
+    """What the two runs feed their settings that is not the victim: the data and the diffusion model."""
+    mine, theirs = run.config, other.config
+    pairs = {"dataset": (mine.data.dataset, theirs.data.dataset), "split": (mine.data.split, theirs.data.split),
+             "diffusion model": (mine.models.diffusion, theirs.models.diffusion)}
+    return [f"{name} {a!r} here, {b!r} there" for name, (a, b) in pairs.items() if a != b]
+
+
 def paired_lines(run: CertifiedRun) -> list[str]:
-    """*Paired with another run*: per setting and reported radius, both runs' certified accuracy on
-    the images both have, the images only one certifies, and the exact McNemar p-value;
-    nothing where the config pairs with no run."""
+    """*Paired with another run*: per setting and radius, both runs' certified accuracy on the
+    images both have records for, the images only one certifies, the paired difference and the
+    exact McNemar p-value; nothing where the config pairs with no run."""
     if run.config.paired_with is None:
         return []
     where = Path(run.config.paired_with)
     lines = [f"## Paired with `{where}`", ""]
-    if not (where / "config.yaml").is_file():
+    if not is_certification_dir(where):
         return lines + [f"`{where}` holds no certification run here (paths are relative to the working "
                         "directory the report is written from); nothing to compare.", ""]
     other = CertifiedRun.load(where)
-    found, unmatched = paired_comparisons(run, other)
+    differing = _other_inputs(run, other)
+    if differing:
+        return lines + [f"Not comparable image by image: {'; '.join(differing)}.", ""]
+    found, unmatched = pair_settings(run, other)
     rows = [[p.setting, p.other, p.images, radius_label(r.radius, run.config),
              *(f"{100 * count / p.images:.1f}" if p.images else "–" for count in (r.ours, r.theirs)),
-             f"{r.only_ours} / {r.only_theirs}", f"{r.p_value:.2g}"] for p in found for r in p.radii]
-    lines += [f"Each setting beside the setting of `{other.config.name}` resolved the same way (denoiser, σ, n, "
-              "noise level, purifier, n0, α), on the images (dataset indices) both runs have records for, at "
-              "the reported radii both can certify. *Only here / only there*: images certified correct at "
-              "that radius by one run and not the other; *McNemar p*: the exact two-sided test that the "
-              "split of those images is even (statsmodels), a paired test the two marginal figures cannot "
-              "give.", ""]
+             f"{r.only_ours} / {r.only_theirs}", str(r.difference), f"{r.p_value:.2g}"]
+            for p in found for r in p.radii]
+    lines += [f"Here: {victim_text(run.config.models)}; there (`{other.config.name}`): "
+              f"{victim_text(other.config.models)}; the same data and diffusion model. Each setting beside the "
+              "setting there resolved the same way (denoiser, σ, n, noise level, purifier, n0, α, precision), on "
+              "the images (dataset indices) both runs have records for, at the radii both report. *Only here / "
+              "only there*: images certified correct at that radius by one run and not the other; *difference*: "
+              "here − there in points, with a 95 % paired interval; *McNemar p*: the exact two-sided test that "
+              f"those images split evenly (statsmodels). The paper's threat, {PAPER_L2_RADIUS}, is the one test "
+              "chosen in advance; the other radii are descriptive (nested outcomes, no correction).", ""]
     if rows:
-        lines += [*table(["setting", f"paired with ({other.config.name})", "images", "r", "here (%)", "there (%)",
-                          "only here / only there", "McNemar p"], rows), ""]
+        lines += [*table(["setting", "paired with", "images", "r", "here (%)", "there (%)", "only here / only there",
+                          "difference", "McNemar p"], rows), ""]
     if unmatched:
         lines += [f"Not paired (`{other.config.name}` has no setting resolved the same way): "
                   + ", ".join(unmatched) + ".", ""]
