@@ -290,3 +290,24 @@ def test_a_paired_run_that_is_not_a_certification_is_named_not_read(run_dir: Pat
 def test_paired_with_must_name_a_directory() -> None:
     with pytest.raises(ValueError, match="paired_with"):
         from_dict(CertifyConfig, {**CONFIG, "paired_with": ""})
+
+
+def test_the_configs_compare_pairs_are_reported_image_by_image(run_dir: Path) -> None:
+    values = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**values, "compare": [["b", "a"], ["c", "a"]]}))
+    report = write_certified_report(run_dir, empirical=None).read_text()
+    section = report[report.index("## Settings compared image by image"):report.index("## What an L2")]
+    rows = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in section.splitlines()
+            if line.startswith(("| b |", "| c |"))]
+    # shared dataset indices 100, 101: b certifies 0.6 and 0.2, a 0.25 and 0.3; 128/255 is beyond a's reach
+    assert [row[:7] + row[8:] for row in rows] == [
+        ["b", "a", "2", "0", "100.0", "100.0", "0 / 0", "1"],
+        ["b", "a", "2", "0.25", "50.0", "100.0", "0 / 1", "1"],
+        ["c", "a", "0", "–", "–", "–", "–", "–"]]
+    assert rows[1][7].startswith("-50.0 [")
+
+
+@pytest.mark.parametrize("pair", [["a", "a"], ["a", "z"], ["a"], "a,b"])
+def test_a_compare_pair_must_name_two_settings_of_the_run(pair) -> None:
+    with pytest.raises(ValueError, match="compare"):
+        from_dict(CertifyConfig, {**CONFIG, "compare": [pair]})

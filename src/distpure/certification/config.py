@@ -94,7 +94,8 @@ class CertifyConfig:
     (``AttackSection``), whose records live beside the certificates and never change them.
     ``paired_with``: another certification run's directory whose settings resolved as this run's
     are compared with them image by image in the report (e.g. the off-the-shelf victim's run
-    beside a fine-tuned one's); it changes no record."""
+    beside a fine-tuned one's); ``compare``: pairs ``[setting, reference]`` of this run compared
+    image by image in the report (e.g. guided against unguided). Neither changes a record."""
 
     name: str = "certify"
     description: str = ""
@@ -110,6 +111,7 @@ class CertifyConfig:
     curtail: bool = False
     attack: AttackSection | dict | None = None
     paired_with: str | None = None
+    compare: list[list[str]] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -151,6 +153,10 @@ class CertifyConfig:
                     "or set the setting's reach to what it is meant to certify")
         if self.attack is not None:
             self.attack = self._attack_section(self.attack)
+        for pair in self.compare:
+            if not (isinstance(pair, list) and len(pair) == 2 and pair[0] != pair[1] and set(pair) <= set(names)):
+                raise ValueError(f"compare: each entry must be [setting, reference], two different settings of "
+                                 f"this run ({', '.join(names)}), got {pair!r}")
         if self.paired_with is not None and not (isinstance(self.paired_with, str) and self.paired_with.strip()):
             raise ValueError(f"paired_with must name a certification run directory, got {self.paired_with!r}")
 

@@ -40,11 +40,11 @@ from .smoothing import SmoothedClassifier
 from .summary import summarize_records
 
 #: what a resumed run may change without changing any certificate: its presentation (the
-#: description, the run it is paired with), the attack section (whose records the attack's own
+#: description, the run it is paired with, the settings it compares), the attack section (whose records the attack's own
 #: settings file guards: ``attack_run``) and the precision as written, so that ``auto`` may
 #: become the ``fp32`` it resolved to on another CPU (resolved.json's resolved precision, which
 #: the records do depend on, is still checked)
-_FREE_FIELDS = ("description", "paired_with", "attack", "precision")
+_FREE_FIELDS = ("description", "paired_with", "compare", "attack", "precision")
 
 
 def sample_seed(config: CertifyConfig, setting: SettingConfig, dataset_index: int) -> int:

@@ -21,7 +21,7 @@ from ..certification.config import PAPER_L2_RADIUS, CertifyConfig, SettingConfig
 from ..certification.summary import base_accuracy, ceiling_radius
 from ..devices import describe_hardware
 from ..evaluation.timing import duration
-from .certified_paired import paired_lines
+from .certified_paired import compared_lines, paired_lines
 from .certified_plot import certified_curves, certified_plot, curve_radii
 from .certified_run import CertifiedRun, radius_label
 from .empirical import HONEST_RUN, Figure, ThreatFigures, read_rows, threat_figures, threats
@@ -50,7 +50,8 @@ def write_certified_report(run_dir: str | Path, config: CertifyConfig | None = N
     summary = run.summary
     lines = [*_run_lines(run, summary), *certified_lines(run, summary), *base_lines(run),
              *settings_lines(run, summary),
-             *comparison_lines(run, summary, figures, empirical, plot, threat), *paired_lines(run),
+             *comparison_lines(run, summary, figures, empirical, plot, threat), *compared_lines(run),
+             *paired_lines(run),
              *attack_lines(run), *caveat_lines(run, rows or [])]
     run.files.report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return run.files.report
